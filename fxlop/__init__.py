@@ -1,0 +1,12 @@
+"""fxlop: linear over-parameterization of pruned networks as torch.fx passes.
+
+``expand`` a pruned model, fine-tune it, ``fuse`` it back to exactly the pruned architecture;
+``verify`` checks each step numerically.
+"""
+from .core import expand, fuse
+from .errors import EquivalenceError, ExpansionError, FusionError, FxlopError, TraceError
+from .verify import verify
+
+__version__ = "0.1.0"
+__all__ = ["expand", "fuse", "verify", "FxlopError", "TraceError", "ExpansionError", "FusionError",
+           "EquivalenceError", "__version__"]

@@ -1,0 +1,13 @@
+"""Pure torch.fx passes of fxlop: GraphModule in, new GraphModule out, and their linear algebra.
+
+This package never imports :mod:`fxlop`; it knows nothing of training.
+"""
+from .errors import ExpansionError, FusionError, FxlopError, TraceError
+from .expand import expand
+from .expanded import ExpandedLayer, KernelComposer
+from .fold_bn import fold_batchnorm
+from .fuse import fuse
+from .trace import trace
+
+__all__ = ["expand", "fuse", "fold_batchnorm", "trace", "ExpandedLayer", "KernelComposer",
+           "FxlopError", "TraceError", "ExpansionError", "FusionError"]

@@ -1,0 +1,20 @@
+"""Errors raised by the passes; `fxlop` re-exports them.
+
+They live here, not in `fxlop`, because the passes never import `fxlop`.
+"""
+
+
+class FxlopError(Exception):
+    """Base class of every error fxlop raises on purpose."""
+
+
+class TraceError(FxlopError):
+    """The model could not be traced into an FX graph."""
+
+
+class ExpansionError(FxlopError):
+    """The expansion pass was given settings or a graph it cannot honour."""
+
+
+class FusionError(FxlopError):
+    """An expanded subgraph cannot be fused back into one layer."""

@@ -1,0 +1,136 @@
+"""The module that holds one expanded layer's factors, and the shape of its subgraph.
+
+An :class:`ExpandedLayer` sits at the qualified name of the layer it replaces (a conv/linear module,
+or the weight parameter of a functional call), so the factors keep that name as their prefix and
+``fuse`` can put the original layer back under it.  The graph itself carries the computation:
+:func:`chain_plan` lists the steps of one call site, and both the expansion pass (which emits
+them) and the fusion pass (which matches them) read that one list.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch.nn as nn
+from torch import Tensor
+
+from . import linalg
+from .ops import Call, apply
+
+#: a chain step's weight: the index of a factor, or COMPOSED for the kernel composed in the graph
+COMPOSED = "composed"
+MODES = ("online", "chain")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    call: Call
+    weight: int | str
+    has_bias: bool
+
+
+def chain_plan(call: Call, depth: int, kernel_index: int, mode: str) -> list[Step]:
+    """The ops of one call site of an expanded layer, first to last.
+
+    ``chain``: one op per factor; the kernel factor keeps the site's stride, padding and dilation,
+    the 1x1 factors run with the same groups and nothing else, only the last op adds the bias
+    (so zero padding commutes with the bias-free 1x1 ops before the kernel).
+    ``online``: one op with the kernel composed from the factors, exactly like the original.
+    """
+    if mode == "online":
+        return [Step(call, COMPOSED, True)]
+    return [Step(call if i == kernel_index else call.pointwise(), i, i == depth - 1) for i in range(depth)]
+
+
+class KernelComposer(nn.Module):
+    """Composes a chain's factors into one weight inside the graph (the ``online`` mode)."""
+
+    def __init__(self, groups: int, kernel_index: int, order: str):
+        super().__init__()
+        self.groups = groups
+        self.kernel_index = kernel_index
+        self.order = order
+
+    def forward(self, *factors: Tensor) -> Tensor:
+        return linalg.compose(factors, self.groups, self.kernel_index, self.order)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, kernel_index={self.kernel_index}, order={self.order}"
+
+
+class ExpandedLayer(nn.Module):
+    """The factors of one linearly over-parameterized layer.
+
+    Args:
+        factors: factor weights applied first to last (see :mod:`passes.linalg`).
+        groups: the layer's groups (every factor uses them).
+        kernel_index: which factor carries the spatial kernel.
+        source: for a layer that was a module, ``(module type, constructor kwargs)``; ``None`` for the
+            weight of a functional call.
+        bias: the module's bias (kept here so its state_dict key does not change); ``None`` otherwise.
+        call: the module's :class:`~passes.ops.Call` (module layers only).
+    """
+
+    def __init__(self, factors: Sequence[Tensor], groups: int, kernel_index: int,
+                 source: tuple[type, dict] | None = None, bias: nn.Parameter | None = None,
+                 call: Call | None = None):
+        super().__init__()
+        self.factors = nn.ParameterList([nn.Parameter(f) for f in factors])
+        self.bias = bias
+        self.groups = groups
+        self.kernel_index = kernel_index
+        self.source = source
+        self.call = call
+        order = linalg.contraction_order([f.shape for f in factors], groups, kernel_index)
+        self.compose = KernelComposer(groups, kernel_index, order)
+
+    @property
+    def depth(self) -> int:
+        return len(self.factors)
+
+    def fused_weight(self) -> Tensor:
+        """The end-to-end weight, composed in float64 and cast back to the factors' dtype."""
+        return linalg.compose_exact(list(self.factors), self.groups, self.kernel_index)
+
+    def fused(self) -> nn.Module | nn.Parameter:
+        """What this layer replaced, with the composed weight: the module, or the weight parameter."""
+        weight = nn.Parameter(self.fused_weight(), self.factors[0].requires_grad)
+        if self.source is None:
+            return weight
+        module_type, kwargs = self.source
+        module = module_type(**kwargs, device="meta")
+        module.weight = weight
+        module.bias = self.bias
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Eager equivalent of the layer (module layers only); the graph normally runs the subgraph."""
+        if self.call is None:
+            raise TypeError("an ExpandedLayer that replaced a functional weight is not callable")
+        return apply(self.call, x, self.compose(*self.factors), self.bias)
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join("x".join(map(str, f.shape)) for f in self.factors)
+        origin = self.source[0].__name__ if self.source else "functional weight"
+        return f"{origin}, factors=[{shapes}], groups={self.groups}, kernel_index={self.kernel_index}"
+
+
+def source_of(module: nn.Module) -> tuple[type, dict]:
+    """``(type, constructor kwargs)`` that rebuild ``module`` (an expandable conv/linear) without weights."""
+    if isinstance(module, nn.Linear):
+        return type(module), {"in_features": module.in_features, "out_features": module.out_features,
+                              "bias": module.bias is not None, "dtype": module.weight.dtype}
+    return type(module), {
+        "in_channels": module.in_channels, "out_channels": module.out_channels,
+        "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+        "dilation": module.dilation, "groups": module.groups, "bias": module.bias is not None,
+        "padding_mode": module.padding_mode, "dtype": module.weight.dtype,
+    }
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "ExpandedLayer", "source_of",
+           "parameter_count"]

@@ -1,0 +1,139 @@
+"""The fusion pass: every expanded subgraph becomes one layer again, under its original name."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import networkx as nx
+import torch.fx as fx
+
+from .errors import FusionError
+from .expanded import COMPOSED, ExpandedLayer, KernelComposer, chain_plan, parameter_count
+from .graph import dataflow, set_attr
+from .ops import SPATIAL_DIMS, Call, bind, call_of_node, emit, match_pad
+
+
+@dataclasses.dataclass
+class _Site:
+    end: fx.Node
+    nodes: list[fx.Node]  # every node of the site, last first
+    input: fx.Node
+    call: Call
+    bias: fx.Node | None
+
+
+def fuse(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace each expanded subgraph of ``gm`` (``online`` or ``chain``, trained or not) by one layer.
+
+    A layer that was a module comes back as that module type with the composed weight under its
+    original qualified name (one ``call_module`` per call site); the weight of a functional call
+    comes back as a parameter read by ``get_attr``.  Factors are composed in float64 and cast back
+    to their dtype and device.  Returns a new GraphModule; ``gm`` is not changed.
+
+    Raises:
+        FusionError: a subgraph does not have the shape the expansion gave it (an edit inserted
+            or rewired nodes between the factors), naming the layer and the node.
+    """
+    gm = copy.deepcopy(gm)
+    graph = gm.graph
+    modules = dict(gm.named_modules())
+    layers = {name: m for name, m in modules.items() if isinstance(m, ExpandedLayer)}
+    flow = dataflow(graph)
+    fused = []
+    for name, layer in layers.items():
+        own = [n for n in graph.nodes if _reads_layer(n, name)]
+        sites = [_match_site(end, name, layer, modules) for end in _site_ends(own, name, layer, modules)]
+        _check_boundary(flow, name, own, sites)
+        set_attr(gm, name, layer.fused())
+        for site in sites:
+            with graph.inserting_before(site.end):
+                if layer.source is not None:
+                    value = graph.call_module(name, (site.input,))
+                else:
+                    value = emit(graph, site.call, site.input, graph.get_attr(name), site.bias)
+            site.end.replace_all_uses_with(value)
+            for node in site.nodes:
+                graph.erase_node(node)
+        for node in reversed(own):
+            graph.erase_node(node)
+        fused.append({"name": name, "call_sites": len(sites),
+                      "type": layer.source[0].__name__ if layer.source else "functional weight"})
+    graph.lint()
+    gm.recompile()
+    gm.meta.setdefault("fxlop", {})["fuse"] = {"fused": fused, "params": parameter_count(gm)}
+    return gm
+
+
+def _reads_layer(node: fx.Node, name: str) -> bool:
+    """get_attr of the layer's factors or bias, or the call of its composer."""
+    return node.op in ("get_attr", "call_module") and node.target.startswith(name + ".")
+
+
+def _site_ends(own: list[fx.Node], name: str, layer: ExpandedLayer, modules) -> list[fx.Node]:
+    """The last op of every call site: an op whose weight is the composed kernel or the last factor."""
+    last_factor = f"{name}.factors.{layer.depth - 1}"
+    ends = []
+    for source in own:
+        if source.target != last_factor and not isinstance(modules.get(source.target), KernelComposer):
+            continue
+        for user in source.users:
+            if user.op == "call_function" and user.target in SPATIAL_DIMS and bind(user).get("weight") is source:
+                ends.append(user)
+    return ends
+
+
+def _match_site(end: fx.Node, name: str, layer: ExpandedLayer, modules) -> _Site:
+    """Walk from a site's last op back to its input, checking every node against the chain plan."""
+    def fail(node, expected: str):
+        raise FusionError(f"cannot fuse expanded layer '{name}': expected {expected} but found node "
+                          f"'{node.name}' ({node.format_node()}); the subgraph was edited after expand")
+
+    end_weight = bind(end)["weight"]
+    online = end_weight.op == "call_module"
+    weights = [COMPOSED] if online else list(range(layer.depth))
+    kernel_step = 0 if online else layer.kernel_index
+    nodes, ops, node = [], {}, end
+    for index in reversed(range(len(weights))):
+        expected = "the composed kernel" if online else f"'{name}.factors.{weights[index]}'"
+        if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is end.target):
+            fail(node, f"a {end.target.__name__} call with weight {expected}")
+        weight = bind(node).get("weight")
+        if not (weight is end_weight if online else (isinstance(weight, fx.Node) and weight.op == "get_attr"
+                                                     and weight.target == f"{name}.factors.{index}")):
+            fail(node, f"a {end.target.__name__} call with weight {expected}")
+        nodes.append(node)
+        ops[index] = node
+        node = bind(node)["input"]
+        if index == kernel_step and layer.call is not None and layer.call.pad is not None:
+            if not (isinstance(node, fx.Node) and match_pad(node, layer.call)):
+                fail(node, f"the F.pad of padding_mode='{layer.call.pad[1]}'")
+            nodes.append(node)
+            node = node.args[0]
+
+    call = layer.call if layer.call is not None else call_of_node(ops[kernel_step])
+    plan = chain_plan(call, layer.depth, layer.kernel_index, "online" if online else "chain")
+    for index, step in enumerate(plan):
+        found = call_of_node(ops[index])
+        if found.function is not step.call.function or dict(found.options) != dict(step.call.options):
+            fail(ops[index], f"options {dict(step.call.options)}")
+        if not step.has_bias and bind(ops[index]).get("bias") is not None:
+            fail(ops[index], "no bias on an inner op")
+    if call.groups != layer.groups:
+        fail(ops[kernel_step], f"groups={layer.groups}")
+    bias = bind(end).get("bias")
+    if layer.source is not None:
+        expected_bias = f"{name}.bias" if layer.bias is not None else None
+        if (bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else bias) != expected_bias:
+            fail(end, f"bias {expected_bias}")
+    return _Site(end, nodes, node, call, bias)
+
+
+def _check_boundary(flow: nx.DiGraph, name: str, own: list[fx.Node], sites: list[_Site]) -> None:
+    """Only the ends of the sites may feed nodes outside the layer's subgraph."""
+    inside = set(own).union(*(site.nodes for site in sites))
+    ends = {site.end for site in sites}
+    for source, reader in nx.edge_boundary(flow, inside):
+        if source not in ends:
+            raise FusionError(f"cannot fuse expanded layer '{name}': node '{reader.name}' "
+                              f"({reader.format_node()}) reads '{source.name}' from inside its expanded "
+                              f"subgraph, which fusion would remove")

@@ -1,0 +1,171 @@
+"""Linear algebra of linear over-parameterization, apart from any graph surgery.
+
+A conv weight ``(O, I/g, *k)`` is handled as ``g`` blocks of shape ``(O/g, I/g, T)`` with
+``T = prod(k)`` taps; a linear weight ``(O, I)`` is one block with ``T = 1``.  A *chain* is a list of
+factor weights, applied first to last, in which only the factor at ``kernel_index`` may have a
+spatial kernel; every other factor is a 1x1 (or linear) map.  The chain's end-to-end weight is,
+per group and per tap, ``post @ kernel[tap] @ pre`` with ``pre``/``post`` the products of the 1x1
+factors before/after the kernel.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def grouped(weight: Tensor, groups: int) -> Tensor:
+    """View a conv/linear weight as ``(groups, O/g, I/g, T)`` blocks."""
+    return weight.reshape(groups, weight.shape[0] // groups, weight.shape[1], -1)
+
+
+def ungrouped(blocks: Tensor, kernel_size: Sequence[int]) -> Tensor:
+    """Inverse of :func:`grouped`: ``(g, O/g, I/g, T)`` back to ``(O, I/g, *kernel_size)``."""
+    g, o, i, _ = blocks.shape
+    return blocks.reshape(g * o, i, *kernel_size)
+
+
+def chain_shapes(weight_shape: Sequence[int], groups: int, expansion: float,
+                 depth: int) -> tuple[list[tuple[int, ...]], int]:
+    """Shapes of the factor weights that replace a weight of ``weight_shape``, and the kernel index.
+
+    Depth ``d`` gives ``(d - 1) // 2`` 1x1 factors before the kernel factor and the rest after it;
+    hidden widths are ``ceil(expansion * C)`` per group, with ``C`` the layer's input width before
+    the kernel and its output width after it, so every hidden width is at least the width it
+    must carry and the initialization below can be exact.
+    """
+    if depth < 2:
+        raise ValueError(f"depth must be at least 2, got {depth}")
+    if expansion < 1:
+        raise ValueError(f"expansion must be at least 1, got {expansion}")
+    out_total, in_per_group, *kernel = weight_shape
+    out_per_group = out_total // groups
+    ones = (1,) * len(kernel)
+    n_pre = (depth - 1) // 2
+    n_post = depth - 1 - n_pre
+    wide_in = math.ceil(expansion * in_per_group)
+    wide_out = math.ceil(expansion * out_per_group)
+
+    shapes = []
+    width = in_per_group
+    for _ in range(n_pre):
+        shapes.append((groups * wide_in, width, *ones))
+        width = wide_in
+    kernel_out = wide_out if n_post else out_per_group
+    shapes.append((groups * kernel_out, width, *kernel))
+    width = kernel_out
+    for j in range(n_post):
+        out = out_per_group if j == n_post - 1 else wide_out
+        shapes.append((groups * out, width, *ones))
+        width = out
+    return shapes, n_pre
+
+
+def orthonormal(rows: int, cols: int, generator: torch.Generator | None = None) -> Tensor:
+    """A float64 ``rows x cols`` matrix with orthonormal columns (rows >= cols) or rows (rows <= cols).
+
+    Drawn from the Haar measure: QR of a Gaussian matrix with the signs of R's diagonal folded in.
+    """
+    tall = rows >= cols
+    gaussian = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
+    return q if tall else q.T
+
+
+def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kernel_index: int,
+              generator: torch.Generator | None = None) -> list[Tensor]:
+    """Factors of the given shapes whose chain product equals ``weight``.
+
+    The 1x1 factors are orthonormal (columns before the kernel, rows after it), so their products
+    ``P`` and ``Q`` satisfy ``P^T P = I`` and ``Q Q^T = I``; the kernel factor is ``Q^T W P^T`` per tap,
+    and ``Q (Q^T W P^T) P = W``.  Every factor is dense and random, so every one of them receives
+    gradient (zero-padded identities would leave most entries dead).  Computed in float64 and
+    returned in the weight's dtype and device.
+    """
+    blocks = grouped(weight.detach().to(torch.float64), groups)
+    pre_factors, post_factors = [], []
+    for index, shape in enumerate(shapes):
+        if index == kernel_index:
+            continue
+        rows, cols = shape[0] // groups, shape[1]
+        stack = torch.stack([orthonormal(rows, cols, generator) for _ in range(groups)])
+        (pre_factors if index < kernel_index else post_factors).append(stack)
+
+    pre = _chain_product(pre_factors)
+    post = _chain_product(post_factors)
+    kernel = blocks.permute(0, 3, 1, 2)  # (g, T, O, I)
+    if post is not None:
+        kernel = post.transpose(1, 2).unsqueeze(1) @ kernel
+    if pre is not None:
+        kernel = kernel @ pre.transpose(1, 2).unsqueeze(1)
+    kernel = ungrouped(kernel.permute(0, 2, 3, 1), shapes[kernel_index][2:])
+
+    factors = []
+    it_pre, it_post = iter(pre_factors), iter(post_factors)
+    for index, shape in enumerate(shapes):
+        if index == kernel_index:
+            factor = kernel
+        else:
+            factor = ungrouped(next(it_pre if index < kernel_index else it_post).unsqueeze(-1), shape[2:])
+        factors.append(factor.to(dtype=weight.dtype, device=weight.device).contiguous())
+    return factors
+
+
+def _chain_product(matrices: Sequence[Tensor]) -> Tensor | None:
+    """``m[-1] @ ... @ m[0]`` for batched ``(g, rows, cols)`` matrices applied first to last."""
+    product = None
+    for matrix in matrices:
+        product = matrix if product is None else matrix @ product
+    return product
+
+
+def contraction_order(shapes: Sequence[Sequence[int]], groups: int, kernel_index: int) -> str:
+    """``"post_first"`` or ``"pre_first"``: the cheaper way, in multiply-adds, to contract the kernel.
+
+    With per-group sizes ``O x E2`` (post), ``E2 x E1 x T`` (kernel), ``E1 x I`` (pre):
+    post first costs ``T (O E2 E1 + O E1 I)``, pre first ``T (E2 E1 I + O E2 I)``.
+    """
+    o = shapes[-1][0] // groups
+    i = shapes[0][1]
+    e2 = shapes[kernel_index][0] // groups
+    e1 = shapes[kernel_index][1]
+    post_first = o * e2 * e1 + o * e1 * i
+    pre_first = e2 * e1 * i + o * e2 * i
+    return "post_first" if post_first <= pre_first else "pre_first"
+
+
+def compose(factors: Sequence[Tensor], groups: int, kernel_index: int, order: str | None = None) -> Tensor:
+    """The end-to-end weight of a chain, in the factors' dtype (differentiable).
+
+    The result is made contiguous: a non-contiguous kernel straight from the batched matmuls made
+    oneDNN's conv2d backward corrupt the heap on a partial last batch (torch 2.14.1, CPU).
+    """
+    kernel_size = factors[kernel_index].shape[2:]
+    if order is None:
+        order = contraction_order([f.shape for f in factors], groups, kernel_index)
+    squeeze = [grouped(f, groups)[..., 0] for f in factors]
+    pre = _chain_product(squeeze[:kernel_index])
+    post = _chain_product(squeeze[kernel_index + 1:])
+    kernel = grouped(factors[kernel_index], groups).permute(0, 3, 1, 2)  # (g, T, E2, E1)
+    if order == "post_first":
+        if post is not None:
+            kernel = post.unsqueeze(1) @ kernel
+        if pre is not None:
+            kernel = kernel @ pre.unsqueeze(1)
+    else:
+        if pre is not None:
+            kernel = kernel @ pre.unsqueeze(1)
+        if post is not None:
+            kernel = post.unsqueeze(1) @ kernel
+    return ungrouped(kernel.permute(0, 2, 3, 1), kernel_size).contiguous()
+
+
+def compose_exact(factors: Sequence[Tensor], groups: int, kernel_index: int) -> Tensor:
+    """:func:`compose` in float64, cast back to the dtype and device of the factors; no autograd."""
+    with torch.no_grad():
+        first = factors[0]
+        weight = compose([f.detach().to(torch.float64) for f in factors], groups, kernel_index)
+        return weight.to(dtype=first.dtype, device=first.device)

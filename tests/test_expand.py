@@ -1,0 +1,298 @@
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxlop
+from fxlop.verify import relative_error
+from passes import ExpandedLayer
+
+from conftest import FP32_RTOL, FP64_RTOL, FunctionalLayer
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+CONV_F = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+SPATIAL = {1: (11,), 2: (9, 10), 3: (5, 6, 7)}
+
+BASE = dict(in_channels=4, out_channels=6, kernel_size=3)
+# each entry changes the base conv in one respect (hypothesis covers the combinations)
+CONV_OPTIONS = [
+    {}, {"stride": 2}, {"padding": 1}, {"padding": "same"}, {"padding": "valid"},
+    {"dilation": 2, "padding": 2}, {"groups": 2}, {"in_channels": 6, "out_channels": 12, "groups": 6},
+    {"in_channels": 5, "out_channels": 5, "groups": 5, "padding": 1}, {"bias": False},
+    {"kernel_size": 1}, {"kernel_size": 2, "padding": "same"},
+    {"padding": 1, "padding_mode": "reflect"}, {"padding": 2, "padding_mode": "replicate", "stride": 2},
+    {"padding": 1, "padding_mode": "circular", "groups": 2}, {"padding": "same", "padding_mode": "reflect"},
+]
+
+
+def _conv(dims, options):
+    kwargs = {**BASE, **options}
+    if dims > 1 and "stride" in options:
+        kwargs["stride"] = (2,) + (1,) * (dims - 1)  # tuple strides too
+    return CONV[dims](**kwargs)
+
+
+def _input(module, batch=3):
+    channels = module.in_channels if hasattr(module, "in_channels") else module.in_features
+    spatial = SPATIAL[len(module.kernel_size)] if hasattr(module, "kernel_size") else ()
+    return torch.randn(batch, channels, *spatial)
+
+
+def _expanded_error(model, x, measured, name, origin="module", **options):
+    gm = fxlop.expand(model, **options)
+    report = gm.meta["fxlop"]["expand"]
+    assert [e["origin"] for e in report["expanded"]] == [origin], report
+    with torch.no_grad():
+        error = relative_error(gm(x), model(x))
+    measured(name, error)
+    return gm, error
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("options", CONV_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "base")
+def test_conv_module_expansion_is_exact(dims, options, mode, measured):
+    conv = _conv(dims, options)
+    _, error = _expanded_error(nn.Sequential(conv), _input(conv), measured, "expand fp32", mode=mode)
+    assert error <= FP32_RTOL
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5), (7, 2), (4, 4)])
+def test_linear_module_expansion_is_exact(shape, bias, mode, measured):
+    linear = nn.Linear(*shape, bias=bias)
+    for x in (torch.randn(5, shape[0]), torch.randn(2, 3, shape[0])):  # any leading dims
+        _, error = _expanded_error(nn.Sequential(linear), x, measured, "expand fp32", mode=mode)
+        assert error <= FP32_RTOL
+
+
+FUNCTIONAL_CASES = [
+    (F.linear, (6, 4), {}),
+    (F.conv1d, (6, 4, 3), {"stride": 2, "padding": 1}),
+    (F.conv2d, (6, 2, 3, 3), {"groups": 2, "dilation": 2, "padding": "same"}),
+    (F.conv2d, (6, 4, 3, 3), {}),
+    (F.conv2d, (8, 1, 3, 3), {"groups": 4, "padding": (1, 0)}),
+    (F.conv3d, (6, 4, 3, 3, 3), {"padding": "valid", "stride": (1, 2, 1)}),
+]
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("function,shape,options", FUNCTIONAL_CASES)
+def test_functional_expansion_is_exact(function, shape, options, bias, mode, measured):
+    layer = FunctionalLayer(function, torch.randn(shape), torch.randn(shape[0]) if bias else None, **options)
+    in_channels = shape[1] * options.get("groups", 1)
+    spatial = SPATIAL[len(shape) - 2] if len(shape) > 2 else ()
+    x = torch.randn(3, in_channels, *spatial)
+    gm, error = _expanded_error(layer, x, measured, "expand fp32", origin="functional", mode=mode)
+    assert error <= FP32_RTOL
+    report = gm.meta["fxlop"]["expand"]
+    assert [e["name"] for e in report["expanded"]] == ["weight"]
+    # the bias parameter of a functional call stays where it was
+    assert ("bias" in dict(gm.named_parameters())) == bias
+
+
+class TwoUses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(4, 4, 1, 1))
+
+    def forward(self, x):
+        x = self.shared(torch.relu(self.shared(x)))
+        return F.conv2d(x, self.weight) + F.conv2d(x.flip(-1), self.weight, stride=1)
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_shared_module_and_weight_expanded_once_and_stay_shared(mode):
+    model = TwoUses()
+    x = torch.randn(2, 4, 6, 6)
+    gm = fxlop.expand(model, mode=mode)
+    report = gm.meta["fxlop"]["expand"]
+    assert {(e["name"], e["call_sites"]) for e in report["expanded"]} == {("shared", 2), ("weight", 2)}
+    assert sum(isinstance(m, ExpandedLayer) for m in gm.modules()) == 2
+    with torch.no_grad():
+        assert relative_error(gm(x), model(x)) <= FP32_RTOL
+    # one set of factors: a change to them shows at both call sites
+    fused = fxlop.fuse(gm)
+    with torch.no_grad():
+        gm.shared.factors[1].add_(0.1)
+        assert relative_error(fxlop.fuse(gm)(x), gm(x)) <= FP32_RTOL
+        assert relative_error(fused(x), gm(x)) > 1e-3
+
+
+def test_modes_give_same_outputs_and_gradients():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, groups=3), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 5)).double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    grads, outputs = {}, {}
+    for mode in ("online", "chain"):
+        gm = fxlop.expand(model, mode=mode, seed=3)
+        out = gm(x)
+        out.square().sum().backward()
+        outputs[mode] = out.detach()
+        grads[mode] = {n: p.grad for n, p in gm.named_parameters()}
+    assert relative_error(outputs["chain"], outputs["online"]) <= FP64_RTOL
+    assert grads["chain"].keys() == grads["online"].keys()
+    for name in grads["online"]:
+        assert relative_error(grads["chain"][name], grads["online"][name]) <= FP64_RTOL, name
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_every_added_parameter_gets_gradient(mode):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    gm = fxlop.expand(model, mode=mode)
+    gm(torch.randn(8, 3, 6, 6)).logsumexp(1).sum().backward()
+    for name, param in gm.named_parameters():
+        assert param.grad is not None, name
+        # every entry moves: no dead rows or columns as with zero-padded identity factors
+        assert (param.grad != 0).float().mean() > 0.95, name
+
+
+def test_online_training_with_odd_batch_sizes():
+    """A partial last batch (here 105, 7, 1) through the composed kernel's conv backward."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    gm = fxlop.expand(model, mode="online")
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
+    for batch in (128, 105, 7, 1):
+        x, y = torch.randn(batch, 3, 16, 16), torch.randint(0, 10, (batch,))
+        loss = F.cross_entropy(gm(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    for name, param in gm.named_parameters():
+        assert torch.isfinite(param).all(), name
+
+
+def test_composed_kernel_is_contiguous():
+    gm = fxlop.expand(nn.Conv2d(4, 6, 3, groups=2))
+    container = next(m for m in gm.modules() if isinstance(m, ExpandedLayer))
+    assert container.compose(*container.factors).is_contiguous()
+
+
+def test_report_and_parameter_counts():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 4, 2), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 6, 6))  # materialize the lazy linear
+    gm = fxlop.expand(model, expansion=2)
+    report = gm.meta["fxlop"]["expand"]
+    assert [e["name"] for e in report["expanded"]] == ["0", "4"]
+    assert report["skipped"] == [{"name": "2", "reason": report["skipped"][0]["reason"]}]
+    assert "ConvTranspose2d" in report["skipped"][0]["reason"]
+    assert report["params_before"] == sum(p.numel() for p in model.parameters())
+    assert report["params_after"] == sum(p.numel() for p in gm.parameters())
+    conv = report["expanded"][0]
+    # 1x1 (3 -> 6), 3x3 (6 -> 8), 1x1 (8 -> 4)
+    assert conv["factor_shapes"] == [[6, 3, 1, 1], [8, 6, 3, 3], [4, 8, 1, 1]]
+    assert conv["params_after"] == 6 * 3 + 8 * 6 * 9 + 4 * 8
+
+
+def test_include_exclude_by_glob_and_type():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3)), nn.Flatten(), nn.Linear(3, 2))
+    names = lambda gm: [e["name"] for e in gm.meta["fxlop"]["expand"]["expanded"]]  # noqa: E731
+    assert names(fxlop.expand(model, include="0.*")) == ["0.0", "0.1"]
+    assert names(fxlop.expand(model, include=[nn.Linear])) == ["2"]
+    assert names(fxlop.expand(model, exclude=["0.0", nn.Linear])) == ["0.1"]
+    skipped = fxlop.expand(model, include=nn.Linear, exclude="2").meta["fxlop"]["expand"]["skipped"]
+    assert {s["name"]: s["reason"] for s in skipped}["2"] == "matched by exclude"
+    with pytest.raises(TypeError, match="glob string or a module type"):
+        fxlop.expand(model, include=[3])
+
+
+def test_caller_model_is_not_mutated():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 4))
+    before = copy.deepcopy(model.state_dict())
+    modules_before = [type(m) for m in model.modules()]
+    gm = fxlop.expand(model)
+    fxlop.fuse(gm, fold_bn=True)
+    assert [type(m) for m in model.modules()] == modules_before
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    traced = fx.symbolic_trace(model)
+    fxlop.expand(traced)
+    assert type(traced.get_submodule("0")) is nn.Conv2d
+
+
+def test_expanding_twice_changes_nothing_more():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    for mode in ("online", "chain"):
+        once = fxlop.expand(model, mode=mode)
+        twice = fxlop.expand(once, mode=mode)
+        assert twice.meta["fxlop"]["expand"]["expanded"] == []
+        assert {s["reason"] for s in twice.meta["fxlop"]["expand"]["skipped"]} == {"already expanded"}
+        assert twice.state_dict().keys() == once.state_dict().keys()
+        x = torch.randn(2, 3, 4, 4)
+        with torch.no_grad():
+            assert torch.equal(twice(x), once(x))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(self.gate(x))
+
+
+class Gate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.proj(x)
+        return x
+
+
+def test_untraceable_module_is_named_and_can_be_made_a_leaf():
+    model = Branchy()
+    with pytest.raises(fxlop.TraceError, match=r"module 'gate' \(Gate\).*leaf_modules=\['gate'\]"):
+        fxlop.expand(model)
+    gm = fxlop.expand(model, leaf_modules=["gate"])
+    assert [e["name"] for e in gm.meta["fxlop"]["expand"]["expanded"]] == ["conv"]
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert relative_error(gm(x), model(x)) <= FP32_RTOL
+    assert [e["name"] for e in fxlop.expand(model, leaf_modules=[Gate]).meta["fxlop"]["expand"]["expanded"]] == ["conv"]
+
+
+def test_max_params_guard():
+    model = nn.Linear(64, 64)
+    with pytest.raises(fxlop.ExpansionError, match=r"over max_params=10,000 .*'weight'"):
+        fxlop.expand(model, max_params=10_000)
+    assert fxlop.expand(model, max_params=10**7).meta["fxlop"]["expand"]["params_after"] <= 10**7
+
+
+@pytest.mark.parametrize("bad", [dict(mode="fast"), dict(expansion=0.5), dict(expansion="4"), dict(depth=1),
+                                 dict(depth=2.0), dict(max_params=-1)])
+def test_bad_options_are_clear_errors(bad):
+    with pytest.raises(fxlop.ExpansionError, match=next(iter(bad))):
+        fxlop.expand(nn.Linear(2, 2), **bad)
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+@pytest.mark.parametrize("expansion", [1, 2.5])
+def test_depth_and_width(depth, expansion, measured):
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    gm, error = _expanded_error(nn.Sequential(conv), _input(conv), measured, "expand fp32", depth=depth,
+                                expansion=expansion)
+    assert error <= FP32_RTOL
+    assert len(gm.meta["fxlop"]["expand"]["expanded"][0]["factor_shapes"]) == depth
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, FP64_RTOL), (torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_other_dtypes(dtype, rtol):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)).to(dtype)
+    x = torch.randn(2, 3, 4, 4, dtype=dtype)
+    gm = fxlop.expand(model)
+    assert all(p.dtype == dtype for p in gm.parameters())
+    with torch.no_grad():
+        assert relative_error(gm(x), model(x)) <= rtol
