@@ -102,7 +102,7 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
 
     generator = torch.Generator().manual_seed(seed)
     expanded = []
-    for layer in tqdm(chosen, desc="expand", unit="layer", delay=2.0, leave=False):
+    for layer in tqdm(chosen, desc="expand", unit="layer", delay=2.0, leave=False, disable=None):
         shapes, kernel_index = plans[layer.name]
         container = _expanded_layer(layer, shapes, kernel_index, generator)
         set_attr(gm, layer.name, container)

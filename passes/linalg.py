@@ -63,16 +63,16 @@ def chain_shapes(weight_shape: Sequence[int], groups: int, expansion: float,
     return shapes, n_pre
 
 
-def orthonormal(rows: int, cols: int, generator: torch.Generator | None = None) -> Tensor:
-    """A float64 ``rows x cols`` matrix with orthonormal columns (rows >= cols) or rows (rows <= cols).
+def orthonormal(rows: int, cols: int, generator: torch.Generator | None = None, batch: int = 1) -> Tensor:
+    """``batch`` float64 ``rows x cols`` matrices with orthonormal columns (rows >= cols) or rows.
 
-    Drawn from the Haar measure: QR of a Gaussian matrix with the signs of R's diagonal folded in.
+    Drawn from the Haar measure: QR of Gaussian matrices with the signs of R's diagonal folded in.
+    Returns shape ``(batch, rows, cols)``.
     """
-    tall = rows >= cols
-    gaussian = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
+    gaussian = torch.randn(batch, max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
-    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
-    return q if tall else q.T
+    q = q * torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
+    return q if rows >= cols else q.transpose(-2, -1)
 
 
 def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kernel_index: int,
@@ -91,8 +91,7 @@ def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kern
         if index == kernel_index:
             continue
         rows, cols = shape[0] // groups, shape[1]
-        stack = torch.stack([orthonormal(rows, cols, generator) for _ in range(groups)])
-        (pre_factors if index < kernel_index else post_factors).append(stack)
+        (pre_factors if index < kernel_index else post_factors).append(orthonormal(rows, cols, generator, groups))
 
     pre = _chain_product(pre_factors)
     post = _chain_product(post_factors)

@@ -43,9 +43,11 @@ def test_chain_shapes_widths_and_kernel_position():
 
 @pytest.mark.parametrize("rows,cols", [(8, 3), (3, 8), (5, 5)])
 def test_orthonormal(rows, cols):
-    q = linalg.orthonormal(rows, cols, torch.Generator().manual_seed(0))
-    gram = q.T @ q if rows >= cols else q @ q.T
-    assert torch.allclose(gram, torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-12)
+    q = linalg.orthonormal(rows, cols, torch.Generator().manual_seed(0), batch=3)
+    assert q.shape == (3, rows, cols)
+    gram = q.mT @ q if rows >= cols else q @ q.mT
+    assert torch.allclose(gram, torch.eye(min(rows, cols), dtype=torch.float64).expand(3, -1, -1), atol=1e-12)
+    assert not torch.allclose(q[0], q[1])  # independent draws
 
 
 def test_outer_factors_are_dense_not_padded_identities():
