@@ -4,9 +4,12 @@
 ``verify`` checks each step numerically.
 """
 from .core import expand, fuse
+from .distill import distiller, similarity_loss
 from .errors import EquivalenceError, ExpansionError, FusionError, FxlopError, TraceError
+from .train import TrainConfig, evaluate, finetune, load_checkpoint
 from .verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["expand", "fuse", "verify", "FxlopError", "TraceError", "ExpansionError", "FusionError",
+__all__ = ["expand", "fuse", "verify", "finetune", "evaluate", "TrainConfig", "load_checkpoint", "similarity_loss",
+           "distiller", "FxlopError", "TraceError", "ExpansionError", "FusionError",
            "EquivalenceError", "__version__"]

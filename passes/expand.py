@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import linalg
 from .errors import ExpansionError
-from .graph import set_attr
+from .graph import inserting_before_with_meta, set_attr
 from .expanded import COMPOSED, MODES, ExpandedLayer, KernelComposer, chain_plan, parameter_count, source_of
 from .ops import FUNCTION_MODULES, MODULE_FUNCTIONS, SPATIAL_DIMS, Call, bind, call_of_module, call_of_node, emit
 from .select import Patterns, selector
@@ -258,7 +258,7 @@ def _rewrite_sites(graph: fx.Graph, layer: _Layer, container: ExpandedLayer, mod
     composed = None
     for site in layer.sites:
         plan = chain_plan(site.call, container.depth, container.kernel_index, mode)
-        with graph.inserting_before(site.node):
+        with inserting_before_with_meta(graph, site.node):
             if mode == "online" and composed is None:
                 factors = [graph.get_attr(f"{name}.factors.{i}") for i in range(container.depth)]
                 composed = graph.call_module(f"{name}.compose", tuple(factors))

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
 from . import linalg
-from .ops import Call, apply
+from .ops import SPATIAL_DIMS, Call, apply, bind
 
 #: a chain step's weight: the index of a factor, or COMPOSED for the kernel composed in the graph
 COMPOSED = "composed"
@@ -115,6 +116,26 @@ class ExpandedLayer(nn.Module):
         return f"{origin}, factors=[{shapes}], groups={self.groups}, kernel_index={self.kernel_index}"
 
 
+def layer_nodes(graph: fx.Graph, name: str) -> list[fx.Node]:
+    """The nodes that read the layer at ``name``: get_attr of its factors or bias, its composer call."""
+    prefix = name + "."
+    return [n for n in graph.nodes if n.op in ("get_attr", "call_module") and n.target.startswith(prefix)]
+
+
+def site_ends(own: list[fx.Node], name: str, layer: ExpandedLayer) -> list[fx.Node]:
+    """The last op of every call site of the layer at ``name``, given its :func:`layer_nodes`: an op
+    whose weight is the composed kernel or the last factor."""
+    weights = {f"{name}.factors.{layer.depth - 1}", f"{name}.compose"}
+    ends = []
+    for source in own:
+        if source.target not in weights:
+            continue
+        for user in source.users:
+            if user.op == "call_function" and user.target in SPATIAL_DIMS and bind(user).get("weight") is source:
+                ends.append(user)
+    return ends
+
+
 def source_of(module: nn.Module) -> tuple[type, dict]:
     """``(type, constructor kwargs)`` that rebuild ``module`` (an expandable conv/linear) without weights."""
     if isinstance(module, nn.Linear):
@@ -132,5 +153,5 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "ExpandedLayer", "source_of",
-           "parameter_count"]
+__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "ExpandedLayer", "layer_nodes", "site_ends",
+           "source_of", "parameter_count"]

@@ -8,9 +8,9 @@ import networkx as nx
 import torch.fx as fx
 
 from .errors import FusionError
-from .expanded import COMPOSED, ExpandedLayer, KernelComposer, chain_plan, parameter_count
-from .graph import dataflow, set_attr
-from .ops import SPATIAL_DIMS, Call, bind, call_of_node, emit, match_pad
+from .expanded import COMPOSED, ExpandedLayer, chain_plan, layer_nodes, parameter_count, site_ends
+from .graph import dataflow, inserting_before_with_meta, set_attr
+from .ops import Call, bind, call_of_node, emit, match_pad
 
 
 @dataclasses.dataclass
@@ -36,17 +36,16 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     """
     gm = copy.deepcopy(gm)
     graph = gm.graph
-    modules = dict(gm.named_modules())
-    layers = {name: m for name, m in modules.items() if isinstance(m, ExpandedLayer)}
+    layers = {name: m for name, m in gm.named_modules() if isinstance(m, ExpandedLayer)}
     flow = dataflow(graph)
     fused = []
     for name, layer in layers.items():
-        own = [n for n in graph.nodes if _reads_layer(n, name)]
-        sites = [_match_site(end, name, layer, modules) for end in _site_ends(own, name, layer, modules)]
+        own = layer_nodes(graph, name)
+        sites = [_match_site(end, name, layer) for end in site_ends(own, name, layer)]
         _check_boundary(flow, name, own, sites)
         set_attr(gm, name, layer.fused())
         for site in sites:
-            with graph.inserting_before(site.end):
+            with inserting_before_with_meta(graph, site.end):
                 if layer.source is not None:
                     value = graph.call_module(name, (site.input,))
                 else:
@@ -64,25 +63,7 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _reads_layer(node: fx.Node, name: str) -> bool:
-    """get_attr of the layer's factors or bias, or the call of its composer."""
-    return node.op in ("get_attr", "call_module") and node.target.startswith(name + ".")
-
-
-def _site_ends(own: list[fx.Node], name: str, layer: ExpandedLayer, modules) -> list[fx.Node]:
-    """The last op of every call site: an op whose weight is the composed kernel or the last factor."""
-    last_factor = f"{name}.factors.{layer.depth - 1}"
-    ends = []
-    for source in own:
-        if source.target != last_factor and not isinstance(modules.get(source.target), KernelComposer):
-            continue
-        for user in source.users:
-            if user.op == "call_function" and user.target in SPATIAL_DIMS and bind(user).get("weight") is source:
-                ends.append(user)
-    return ends
-
-
-def _match_site(end: fx.Node, name: str, layer: ExpandedLayer, modules) -> _Site:
+def _match_site(end: fx.Node, name: str, layer: ExpandedLayer) -> _Site:
     """Walk from a site's last op back to its input, checking every node against the chain plan."""
     def fail(node, expected: str):
         raise FusionError(f"cannot fuse expanded layer '{name}': expected {expected} but found node "

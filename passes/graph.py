@@ -1,8 +1,15 @@
 """Small helpers on GraphModules shared by the passes."""
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import networkx as nx
 import torch.fx as fx
+
+#: node metadata a rewrite passes on to the nodes that replace a node (module stack: which module
+#: a value belongs to, used to address block outputs by name)
+INHERITED_META = ("nn_module_stack", "stack_trace")
 
 
 def set_attr(gm: fx.GraphModule, qualified_name: str, value) -> None:
@@ -21,3 +28,17 @@ def dataflow(graph: fx.Graph) -> nx.DiGraph:
     flow.add_nodes_from(graph.nodes)
     flow.add_edges_from((node, user) for node in graph.nodes for user in node.users)
     return flow
+
+
+@contextlib.contextmanager
+def inserting_before_with_meta(graph: fx.Graph, node: fx.Node):
+    """``graph.inserting_before(node)``; the inserted nodes also inherit ``node``'s module stack."""
+    anchor = node.prev
+    with graph.inserting_before(node):
+        yield
+    current = anchor.next
+    while current is not node:
+        for key in INHERITED_META:
+            if key in node.meta and key not in current.meta:
+                current.meta[key] = copy.copy(node.meta[key])
+        current = current.next

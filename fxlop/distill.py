@@ -1,0 +1,111 @@
+"""Similarity-preserving knowledge distillation (Tung & Mori, ICCV 2019) over FX feature taps."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+import passes
+from passes.tap import layer_names, linear_layer_names, match_names, tap, tapped_node
+
+from .errors import FxlopError
+
+
+def similarity_loss(f_student: Tensor, f_teacher: Tensor) -> Tensor:
+    """The SP loss of one pair of feature maps of shape ``(b, ...)``.
+
+    ``G = Q Q^T`` with ``Q = F.reshape(b, -1)``, rows of ``G`` L2-normalized, and the loss is
+    ``||G_teacher - G_student||_F^2 / b^2``.  The ``b x b`` Gram matrices let a narrow student and
+    its wide teacher compare without adapters.  Computed in float32 at least (under bf16 autocast
+    the Gram products would lose the small differences the loss is made of).
+    """
+    if f_student.shape[0] != f_teacher.shape[0]:
+        raise FxlopError(f"similarity_loss: batch sizes differ ({f_student.shape[0]} vs {f_teacher.shape[0]})")
+    b = f_student.shape[0]
+    dtype = torch.promote_types(f_student.dtype, torch.float32)
+    with torch.autocast(device_type=f_student.device.type, enabled=False):
+        g_student = _normalized_gram(f_student.to(dtype))
+        g_teacher = _normalized_gram(f_teacher.to(dtype))
+        return (g_teacher - g_student).pow(2).sum() / (b * b)
+
+
+def _normalized_gram(features: Tensor) -> Tensor:
+    q = features.reshape(features.shape[0], -1)
+    return F.normalize(q @ q.T, p=2, dim=1)
+
+
+@dataclasses.dataclass
+class Distiller:
+    """A frozen, tapped teacher and a tapped student whose taps pair up by name.
+
+    ``student`` shares its parameters with the model it was built from; ``teacher`` is a frozen
+    copy in eval mode (the caller's teacher is not touched).
+    """
+
+    teacher: fx.GraphModule
+    student: fx.GraphModule
+    names: list[str]
+    only_in_teacher: list[str]
+    only_in_student: list[str]
+    reduction: str = "sum"
+
+    def loss(self, student_taps: Mapping[str, Tensor], teacher_taps: Mapping[str, Tensor]) -> Tensor:
+        """Sum (or mean, with ``reduction="mean"``) of :func:`similarity_loss` over the paired taps."""
+        losses = [similarity_loss(student_taps[n], teacher_taps[n]) for n in self.names]
+        total = torch.stack(losses).sum()
+        return total / len(losses) if self.reduction == "mean" else total
+
+    def teacher_taps(self, *inputs) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return self.teacher(*inputs)[1]
+
+
+def distiller(teacher: nn.Module, student: nn.Module, taps: Iterable[str] | str | None = None, *,
+              reduction: str = "sum", leaf_modules=None) -> Distiller:
+    """Pair feature taps of ``teacher`` and ``student`` by qualified name.
+
+    ``taps``: layer names or globs (``"layer*.2"``); by default every conv/linear layer of the
+    student (for an expanded student: every expanded layer and any conv/linear it left alone),
+    paired with the same-named layer of the teacher (torch-pruning keeps module names).  Names that
+    exist in only one of the two models are reported in ``only_in_teacher``/``only_in_student`` and
+    with a warning, not silently dropped; no common name at all is an error.
+    """
+    if reduction not in ("sum", "mean"):
+        raise FxlopError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    teacher_gm = _as_graph(copy.deepcopy(teacher), leaf_modules)
+    for param in teacher_gm.parameters():
+        param.requires_grad_(False)
+    student_gm = _as_graph(student, leaf_modules)
+    if isinstance(taps, str):
+        taps = [taps]
+    student_names, teacher_names = layer_names(student_gm), layer_names(teacher_gm)
+    wanted = linear_layer_names(student_gm) if taps is None else match_names(taps, student_names + teacher_names)
+    in_student = {n for n in wanted if tapped_node(student_gm, n) is not None}
+    in_teacher = {n for n in wanted if tapped_node(teacher_gm, n) is not None}
+    names = [n for n in wanted if n in in_student and n in in_teacher]
+    only_teacher = [n for n in wanted if n in in_teacher and n not in in_student]
+    only_student = [n for n in wanted if n in in_student and n not in in_teacher]
+    unknown = [n for n in wanted if n not in in_student and n not in in_teacher]
+    if unknown:
+        raise FxlopError(f"taps {unknown} name no layer of the teacher or the student")
+    if not names:
+        raise FxlopError(f"no tap is common to teacher and student (student only: {only_student[:5]}, "
+                         f"teacher only: {only_teacher[:5]})")
+    if only_teacher or only_student:
+        warnings.warn(f"SP taps without a partner are not used: only in the teacher {only_teacher}, "
+                      f"only in the student {only_student}", stacklevel=2)
+    tapped_teacher = tap(teacher_gm, names).eval()
+    return Distiller(tapped_teacher, tap(student_gm, names), names, only_teacher, only_student, reduction)
+
+
+def _as_graph(model: nn.Module, leaf_modules) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule):
+        return model
+    return passes.trace(model, leaf_modules=leaf_modules)

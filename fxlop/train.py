@@ -1,0 +1,394 @@
+"""Fine-tuning: cross-entropy + gamma * SP loss, checkpoints that survive kill -9, DDP."""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from .distill import Distiller, distiller
+from .errors import FxlopError
+
+CHECKPOINT_FORMAT = "fxlop-checkpoint/1"
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of :func:`finetune` (also stored in checkpoints).
+
+    ``factor_weight_decay``/``factor_lr_scale`` apply to the factors of expanded layers (parameters
+    named ``*.factors.*``): ``factor_weight_decay=0`` leaves them out of weight decay (decay on
+    factors biases the product towards low rank); ``None`` means the same as ``weight_decay``.
+    ``gamma`` weighs the SP loss over ``taps`` (names or globs, default every conv/linear layer),
+    summed or averaged over taps by ``tap_reduction``.
+    """
+
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    factor_weight_decay: float | None = None
+    factor_lr_scale: float = 1.0
+    schedule: str = "cosine"
+    step_size: int = 30
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    gamma: float = 0.0
+    taps: list[str] | None = None
+    tap_reduction: str = "sum"
+    bf16: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        problems = []
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            problems.append(f"epochs must be a positive integer, got {self.epochs!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("lr", "weight_decay", "gamma", "factor_lr_scale", "momentum"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                problems.append(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.tap_reduction not in ("sum", "mean"):
+            problems.append(f"tap_reduction must be 'sum' or 'mean', got {self.tap_reduction!r}")
+        if problems:
+            raise FxlopError("; ".join(problems))
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    model: nn.Module
+    history: list[dict]
+    taps: list[str]
+
+
+def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module | None = None,
+             val_loader: DataLoader | None = None, config: TrainConfig | None = None,
+             log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
+             resume: bool = False, device: str | torch.device | None = None, progress: bool | None = None,
+             **options) -> FinetuneResult:
+    """Fine-tune ``model`` in place with cross-entropy + ``gamma`` * SP loss against ``teacher``.
+
+    The teacher is copied, frozen and run in eval mode under ``no_grad``.  Under ``torchrun`` (the
+    ``WORLD_SIZE`` environment variable above 1) the student runs in ``DistributedDataParallel``
+    (nccl on CUDA, gloo on CPU), the loaders must use a ``DistributedSampler``, metrics are reduced
+    across ranks and only rank 0 writes the log and checkpoints.
+
+    Args:
+        config: a :class:`TrainConfig`; keyword ``options`` override its fields
+            (``finetune(m, loader, epochs=5, lr=0.05)``).
+        log_path: JSON-lines file, one record of metrics per epoch.
+        checkpoint_path: written atomically after every epoch (model with its graph, optimizer,
+            scheduler, epoch, RNG states); a process killed at any moment leaves the last one whole.
+        resume: continue from ``checkpoint_path`` if it exists (``model`` must have its structure).
+        progress: tqdm bars per epoch and per batch; default: only when stderr is a terminal.
+
+    Returns:
+        The trained ``model``, the per-epoch history and the SP taps used.
+    """
+    config = dataclasses.replace(config or TrainConfig(), **options)
+    config.check()
+    if config.gamma > 0 and teacher is None:
+        raise FxlopError("gamma > 0 needs a teacher for the SP loss")
+    rank, world = init_distributed()
+    device = _device(device, world)
+    _seed_everything(config.seed + rank)
+    model.to(device)
+    kd: Distiller | None = None
+    forward_model: nn.Module = model
+    if config.gamma > 0:
+        kd = distiller(teacher, model, config.taps, reduction=config.tap_reduction)
+        kd.teacher.to(device)
+        forward_model = kd.student
+    if world > 1:
+        _require_distributed_sampler(train_loader, "train_loader")
+        forward_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = _optimizer(model, config)
+    scheduler = _scheduler(optimizer, config)
+    history: list[dict] = []
+    start = 0
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        start, history = _restore(checkpoint_path, model, optimizer, scheduler, train_loader, device, rank)
+    is_main = rank == 0
+    if is_main and log_path is not None:
+        _write_log(log_path, history)
+    show = progress if is_main else False
+    epochs = tqdm(range(start, config.epochs), desc="fine-tune", unit="epoch", disable=_disable(show),
+                  initial=start, total=config.epochs)
+    for epoch in epochs:
+        began = time.perf_counter()
+        metrics = _train_epoch(forward_model, kd, train_loader, optimizer, config, device, epoch, show)
+        if world > 1:
+            _average_buffers(model, world)
+        scheduler.step()
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **metrics}
+        if val_loader is not None:
+            record.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device=device, bf16=config.bf16).items()})
+        record["time_s"] = time.perf_counter() - began
+        history.append(record)
+        epochs.set_postfix(loss=f"{record['train_loss']:.3f}",
+                           **({"val_acc": f"{record['val_accuracy']:.3f}"} if val_loader is not None else {}))
+        rng = _gather_rng(train_loader, world) if checkpoint_path is not None else None
+        if is_main:
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, {
+                    "format": CHECKPOINT_FORMAT, "model": model, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": dataclasses.asdict(config),
+                    "history": history, "rng": rng, "taps": kd.names if kd else [],
+                })
+            if log_path is not None:
+                with open(log_path, "a") as log:
+                    log.write(json.dumps(record) + "\n")
+    return FinetuneResult(model, history, kd.names if kd else [])
+
+
+def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device | None = None,
+             bf16: bool = False) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` on ``loader``, in eval mode, without grad.
+
+    With a ``DistributedSampler`` the counts are summed over ranks.  The model's train/eval
+    flag is restored afterwards.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                logits = _logits(model(x)).float()
+                totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                                       (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), device=device).double()])
+    finally:
+        model.train(was_training)
+    if isinstance(getattr(loader, "sampler", None), DistributedSampler) and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, correct, count = totals.tolist()
+    if count == 0:
+        raise FxlopError("evaluate: the loader yielded no samples")
+    return {"accuracy": correct / count, "loss": loss / count, "samples": int(count)}
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``:
+    readers (and a resume after kill -9) see the old checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
+    """Read a checkpoint written by :func:`finetune`; a missing or unreadable file is an FxlopError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FxlopError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch.load raises many types on a corrupt file
+        raise FxlopError(f"checkpoint {path} is unreadable: {type(error).__name__}: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise FxlopError(f"{path} is not an fxlop checkpoint")
+    return payload
+
+
+def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, show) -> dict[str, float]:
+    forward_model.train()
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, sp, correct, count (sums)
+    batches = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=_disable(show))
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            output = forward_model(x)
+            logits = _logits(output).float()
+            ce = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            sp = torch.zeros((), device=device)
+            if kd is not None:
+                sp = kd.loss(output[1], kd.teacher_taps(x))
+            loss = ce + config.gamma * sp
+        if not torch.isfinite(loss):
+            raise FxlopError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate or gamma")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = len(y)
+        totals += torch.stack([loss.detach().double() * n, ce.detach().double() * n, sp.detach().double() * n,
+                               (logits.argmax(1) == y).sum().double(), torch.tensor(n, device=device).double()])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, ce, sp, correct, count = totals.tolist()
+    return {"train_loss": loss / count, "train_ce": ce / count, "train_sp": sp / count,
+            "train_accuracy": correct / count, "samples": int(count)}
+
+
+def _average_buffers(model: nn.Module, world: int) -> None:
+    """Give every rank the same buffers (BatchNorm statistics): DDP keeps parameters in step, but
+    each rank updates its statistics on its own shard; floating buffers are averaged over ranks."""
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world)
+        else:
+            dist.broadcast(buffer, src=0)
+
+
+def _logits(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    factors, others = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (factors if ".factors." in name else others).append(param)
+    factor_decay = config.weight_decay if config.factor_weight_decay is None else config.factor_weight_decay
+    groups = [{"params": factors, "lr": config.lr * config.factor_lr_scale, "weight_decay": factor_decay},
+              {"params": others, "lr": config.lr, "weight_decay": config.weight_decay}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise FxlopError("the model has no trainable parameters")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _scheduler(optimizer, config: TrainConfig):
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.step_gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def _restore(path, model, optimizer, scheduler, loader, device, rank) -> tuple[int, list[dict]]:
+    checkpoint = load_checkpoint(path, map_location=device)
+    try:
+        model.load_state_dict(checkpoint["model"].state_dict())
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise FxlopError(f"checkpoint {path} does not fit this model or optimizer: {error}") from error
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    states = checkpoint.get("rng") or []
+    if rank < len(states):
+        _set_rng(states[rank], loader)
+    return checkpoint["epoch"], list(checkpoint["history"])
+
+
+def _rng_state(loader) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    generator = getattr(loader, "generator", None)
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def _set_rng(state: dict, loader) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    generator = getattr(loader, "generator", None)
+    if "loader" in state and generator is not None:
+        generator.set_state(state["loader"].cpu())
+
+
+def _gather_rng(loader, world: int) -> list[dict]:
+    state = _rng_state(loader)
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _write_log(path, history: list[dict]) -> None:
+    """Start the log over from the (restored) history, so it always matches the checkpoint."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as log:
+        for record in history:
+            log.write(json.dumps(record) + "\n")
+
+
+def _disable(show: bool | None) -> bool | None:
+    return None if show is None else not show
+
+
+def init_distributed() -> tuple[int, int]:
+    """``(rank, world size)``; under ``torchrun`` this first joins the process group (nccl on CUDA,
+    gloo on CPU), which is left again at exit.  Call it before building a ``DistributedSampler``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    atexit.register(_leave_group)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _device(device, world: int) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def _require_distributed_sampler(loader, name: str) -> None:
+    if not isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        raise FxlopError(f"under torchrun, {name} must use a DistributedSampler "
+                         f"(fxlop.data.make_loader(..., distributed=True))")

@@ -1,0 +1,110 @@
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxlop
+from fxlop.distill import distiller, similarity_loss
+
+
+def _reference_sp(f_student, f_teacher):
+    """Tung & Mori's loss written out element by element."""
+    b = f_student.shape[0]
+    qs, qt = f_student.reshape(b, -1).double(), f_teacher.reshape(b, -1).double()
+    gs = [[float(qs[i] @ qs[j]) for j in range(b)] for i in range(b)]
+    gt = [[float(qt[i] @ qt[j]) for j in range(b)] for i in range(b)]
+    total = 0.0
+    for i in range(b):
+        norm_s = sum(v * v for v in gs[i]) ** 0.5
+        norm_t = sum(v * v for v in gt[i]) ** 0.5
+        total += sum((gt[i][j] / norm_t - gs[i][j] / norm_s) ** 2 for j in range(b))
+    return total / b**2
+
+
+@pytest.mark.parametrize("b", [1, 2, 7])
+@pytest.mark.parametrize("student_shape,teacher_shape", [((3, 4, 4), (8, 4, 4)), ((5,), (11,)), ((2, 3), (2, 3))])
+def test_similarity_loss_matches_the_definition(b, student_shape, teacher_shape):
+    fs, ft = torch.randn(b, *student_shape), torch.randn(b, *teacher_shape)
+    assert similarity_loss(fs, ft).item() == pytest.approx(_reference_sp(fs, ft), rel=1e-5, abs=1e-7)
+
+
+def test_similarity_loss_is_zero_for_one_sample_and_for_proportional_features():
+    f = torch.randn(1, 4, 3, 3)
+    assert similarity_loss(f, torch.randn(1, 9)).item() == pytest.approx(0.0, abs=1e-7)  # 1x1 Grams are 1
+    fs = torch.randn(6, 10)
+    assert similarity_loss(fs, 3 * fs).item() == pytest.approx(0.0, abs=1e-7)
+    assert similarity_loss(fs, torch.randn(6, 10)).item() > 1e-3
+
+
+def test_similarity_loss_gradient():
+    fs = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    ft = torch.randn(3, 5, 2, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: similarity_loss(s, ft), (fs,))
+    b2 = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    t2 = torch.randn(2, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda s: similarity_loss(s, t2), (b2,))
+
+
+def test_similarity_loss_batch_mismatch():
+    with pytest.raises(fxlop.FxlopError, match="batch sizes"):
+        similarity_loss(torch.randn(2, 3), torch.randn(3, 3))
+
+
+class Teacher(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3)
+        self.extra = nn.Conv2d(width, width, 1)
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.fc(self.extra(self.conv(x)).mean((2, 3)))
+
+
+class Shallow(nn.Module):
+    def __init__(self, width=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3)
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_distiller_pairs_by_name_and_reports_the_rest():
+    teacher, student = Teacher(8), Shallow(3)
+    with pytest.warns(UserWarning, match=r"only in the teacher \['extra'\]"):
+        kd = distiller(teacher, fxlop.expand(student), ["conv", "extra", "fc"])
+    assert kd.names == ["conv", "fc"] and kd.only_in_teacher == ["extra"] and kd.only_in_student == []
+    x = torch.randn(4, 3, 5, 5)
+    logits, student_taps = kd.student(x)
+    loss = kd.loss(student_taps, kd.teacher_taps(x))
+    expected = sum(similarity_loss(student_taps[n], kd.teacher_taps(x)[n]) for n in ["conv", "fc"])
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    assert all(p.grad is None for p in kd.teacher.parameters())
+    assert all(not p.requires_grad for p in kd.teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # the caller's teacher is untouched
+    assert not kd.teacher.training
+
+
+def test_default_taps_are_the_students_linear_layers():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kd = distiller(Teacher(8), fxlop.expand(Teacher(3)))
+    assert kd.names == ["conv", "extra", "fc"]
+    kd_mean = distiller(Teacher(8), Teacher(3), reduction="mean")
+    x = torch.randn(4, 3, 5, 5)
+    _, taps = kd_mean.student(x)
+    total = distiller(Teacher(8), Teacher(3)).loss(taps, kd_mean.teacher_taps(x))
+    assert kd_mean.loss(taps, kd_mean.teacher_taps(x)).item() == pytest.approx(total.item() / 3)
+
+
+def test_globs_and_errors():
+    kd = distiller(Teacher(8), Teacher(3), "c*")
+    assert kd.names == ["conv"]
+    with pytest.raises(fxlop.FxlopError, match="name no layer"):
+        distiller(Teacher(8), Teacher(3), ["nope"])
+    with pytest.raises(fxlop.FxlopError, match="reduction"):
+        distiller(Teacher(8), Teacher(3), reduction="max")
