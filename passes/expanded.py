@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
@@ -44,16 +45,32 @@ def chain_plan(call: Call, depth: int, kernel_index: int, mode: str) -> list[Ste
 
 
 class KernelComposer(nn.Module):
-    """Composes a chain's factors into one weight inside the graph (the ``online`` mode)."""
+    """Composes a chain's factors into one weight inside the graph (the ``online`` mode).
+
+    In eval mode without autograd the composed weight is cached until a factor changes (any
+    in-place update bumps its version), so inference costs one conv per layer, not a composition.
+    """
 
     def __init__(self, groups: int, kernel_index: int, order: str):
         super().__init__()
         self.groups = groups
         self.kernel_index = kernel_index
         self.order = order
+        self._cache: tuple[tuple, Tensor] | None = None
 
     def forward(self, *factors: Tensor) -> Tensor:
-        return linalg.compose(factors, self.groups, self.kernel_index, self.order)
+        if self.training or torch.is_grad_enabled():
+            self._cache = None
+            return linalg.compose(factors, self.groups, self.kernel_index, self.order)
+        key = tuple((f.data_ptr(), f._version, f.dtype, f.device, f.shape) for f in factors)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, linalg.compose(factors, self.groups, self.kernel_index, self.order))
+        return self._cache[1]
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_cache"] = None  # derived data: not saved, not copied
+        return state
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, kernel_index={self.kernel_index}, order={self.order}"

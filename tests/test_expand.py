@@ -296,3 +296,27 @@ def test_other_dtypes(dtype, rtol):
     assert all(p.dtype == dtype for p in gm.parameters())
     with torch.no_grad():
         assert relative_error(gm(x), model(x)) <= rtol
+
+
+def test_eval_mode_caches_the_composed_kernel_until_a_factor_changes():
+    gm = fxlop.expand(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)))
+    composer = gm.get_submodule("0.compose")
+    factors = list(gm.get_submodule("0").factors)
+    x = torch.randn(2, 3, 6, 6)
+    gm.eval()
+    with torch.no_grad():
+        first = composer(*factors)
+        assert composer(*factors) is first
+        reference = gm(x)
+        factors[1].mul_(2.0)  # what an optimizer step or load_state_dict does: in place
+        assert composer(*factors) is not first
+        assert relative_error(composer(*factors), 2 * first) <= FP32_RTOL
+        assert not torch.equal(gm(x), reference)
+    gm.train()
+    with torch.no_grad():
+        assert composer(*factors) is not composer(*factors)  # training: always composed afresh
+    assert composer(*factors).requires_grad  # with autograd on, never a stale detached kernel
+    gm.eval()
+    with torch.no_grad():
+        composer(*factors)
+    assert composer.__getstate__()["_cache"] is None
