@@ -1,0 +1,159 @@
+"""The ``fxlop`` command line: ``run`` the whole job, or ``expand``/``fuse``/``verify`` saved models."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .errors import EquivalenceError, FxlopError
+
+_RUN_HELP = ("train or load a dense model, prune it, expand it, fine-tune it with SP distillation, fuse it, "
+             "verify it and save the fused model with a report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except EquivalenceError as error:
+        print(f"fxlop: not equivalent: {error}", file=sys.stderr)
+        return 1
+    except (FxlopError, OSError) as error:
+        print(f"fxlop: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fxlop: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .pipeline import METHODS, RunSettings
+
+    defaults = RunSettings()
+    parser = argparse.ArgumentParser(prog="fxlop", description="Linear over-parameterization of pruned networks.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help=_RUN_HELP, description=_RUN_HELP[0].upper() + _RUN_HELP[1:] + ".",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = run.add_argument_group("data and model")
+    data.add_argument("--model", default=defaults.model,
+                      help="resnet20, resnet56, vgg16 (CIFAR-style) or any torchvision classification model name")
+    data.add_argument("--weights", help="a saved dense model (whole module or state_dict) instead of training one")
+    data.add_argument("--dataset", default=defaults.dataset, help="digits (embedded), cifar10, cifar100, imagefolder")
+    data.add_argument("--data-dir", help="directory holding the dataset (cifar10, cifar100, imagefolder)")
+    data.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
+    data.add_argument("--image-size", type=int, help="input side (digits: 16 or 32; imagefolder: 224)")
+    data.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
+                      help="carve a validation split from the training data for the per-epoch curves")
+    prune = run.add_argument_group("pruning (torch-pruning)")
+    prune.add_argument("--ratio", type=float, default=defaults.ratio, help="channel pruning ratio in (0, 1)")
+    prune.add_argument("--importance", default=defaults.importance, help="l1, l2, taylor, lamp, fpgm, random")
+    prune.add_argument("--global-pruning", action="store_true", help="rank channels across layers")
+    prune.add_argument("--iterative-steps", type=int, default=defaults.iterative_steps)
+    tune = run.add_argument_group("fine-tuning")
+    tune.add_argument("--method", choices=METHODS, default=defaults.method)
+    tune.add_argument("--baseline", action="store_true", help="also fine-tune the vanilla baseline for comparison")
+    tune.add_argument("--epochs", type=int, default=defaults.epochs)
+    tune.add_argument("--lr", type=float, default=defaults.lr)
+    tune.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    tune.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    tune.add_argument("--factor-weight-decay", type=float, help="weight decay of the LOP factors (default: same)")
+    tune.add_argument("--gamma", type=float, default=defaults.gamma, help="weight of the SP distillation loss")
+    tune.add_argument("--taps", nargs="+", help="layer names or globs for SP (default: every conv/linear layer)")
+    tune.add_argument("--tap-reduction", choices=("sum", "mean"), default=defaults.tap_reduction)
+    tune.add_argument("--dense-epochs", type=int, default=defaults.dense_epochs)
+    tune.add_argument("--dense-lr", type=float, default=defaults.dense_lr)
+    tune.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    lop = run.add_argument_group("expansion")
+    lop.add_argument("--expansion", type=float, default=defaults.expansion, help="width multiplier r")
+    lop.add_argument("--mode", choices=("online", "chain"), default=defaults.mode)
+    lop.add_argument("--depth", type=int, default=defaults.depth)
+    misc = run.add_argument_group("output")
+    misc.add_argument("--seed", type=int, default=defaults.seed)
+    misc.add_argument("--workers", type=int, default=defaults.workers, help="data loader workers")
+    misc.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    misc.add_argument("--out", default=defaults.out, help="directory for model.pt, report.json, curves.png, logs")
+    misc.add_argument("--json", help="also write the final metrics to this file")
+    misc.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
+
+    expand = commands.add_parser("expand", help="expand a saved model (torch.save of an nn.Module)")
+    expand.add_argument("input")
+    expand.add_argument("output")
+    expand.add_argument("--expansion", type=float, default=4)
+    expand.add_argument("--mode", choices=("online", "chain"), default="online")
+    expand.add_argument("--depth", type=int, default=3)
+    expand.add_argument("--include", nargs="+", help="qualified-name globs to expand")
+    expand.add_argument("--exclude", nargs="+", help="qualified-name globs to leave alone")
+    expand.add_argument("--seed", type=int, default=0)
+    expand.add_argument("--max-params", type=int, help="refuse an expansion above this many parameters")
+    expand.set_defaults(handler=_expand)
+
+    fuse = commands.add_parser("fuse", help="fuse a saved expanded model back to its compact architecture")
+    fuse.add_argument("input")
+    fuse.add_argument("output")
+    fuse.add_argument("--fold-bn", action="store_true", help="also fold BatchNorm for deployment")
+    fuse.set_defaults(handler=_fuse)
+
+    verify = commands.add_parser("verify", help="check that two saved models compute the same function")
+    verify.add_argument("reference")
+    verify.add_argument("candidate")
+    verify.add_argument("--input-shape", required=True, help="e.g. 2,3,32,32 (random normal inputs)")
+    verify.add_argument("--rtol", type=float)
+    verify.add_argument("--atol", type=float)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.set_defaults(handler=_verify)
+    return parser
+
+
+def _run(args) -> int:
+    from .pipeline import RunSettings, run
+
+    fields = RunSettings.__dataclass_fields__
+    settings = RunSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    run(settings, progress=False if args.quiet else None)
+    return 0
+
+
+def _expand(args) -> int:
+    from .core import expand
+    from .models import load_model
+
+    gm = expand(load_model(args.input), expansion=args.expansion, mode=args.mode, depth=args.depth,
+                include=args.include, exclude=args.exclude, seed=args.seed, max_params=args.max_params)
+    report = gm.meta["fxlop"]["expand"]
+    torch.save(gm, args.output)
+    print(f"expanded {len(report['expanded'])} layers ({report['params_before']:,} -> {report['params_after']:,} "
+          f"parameters), skipped {len(report['skipped'])}; saved {args.output}")
+    for skipped in report["skipped"]:
+        print(f"  skipped {skipped['name']}: {skipped['reason']}")
+    return 0
+
+
+def _fuse(args) -> int:
+    from .core import fuse
+    from .models import load_model
+
+    fused = fuse(load_model(args.input), fold_bn=args.fold_bn)
+    torch.save(fused, args.output)
+    print(f"fused {len(fused.meta['fxlop']['fuse']['fused'])} layers "
+          f"({fused.meta['fxlop']['fuse']['params']:,} parameters); saved {args.output}")
+    return 0
+
+
+def _verify(args) -> int:
+    from .models import load_model
+    from .verify import verify
+
+    try:
+        shape = tuple(int(s) for s in args.input_shape.split(","))
+    except ValueError:
+        raise FxlopError(f"--input-shape takes comma-separated integers such as 2,3,32,32, got {args.input_shape!r}")
+    reference, candidate = load_model(args.reference), load_model(args.candidate)
+    dtype = next(reference.parameters()).dtype
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(dtype)
+    error = verify(reference, candidate, x, rtol=args.rtol, atol=args.atol)
+    print(f"equivalent: largest relative error {error:.3e}")
+    return 0

@@ -1,0 +1,69 @@
+"""What a run leaves for people to read: a terminal table, report.json and a PNG of the curves."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def table(rows: Sequence[Sequence], headers: Sequence[str], markdown: bool = False) -> str:
+    """A fixed-width text table (or a GitHub markdown table) of already formatted cells."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    if markdown:
+        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells[1:]]
+        return "\n".join(lines)
+    line = lambda row: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def write_json(path: str | os.PathLike, payload) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    os.replace(temporary, path)
+
+
+def _jsonable(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def plot_curves(path: str | os.PathLike, histories: dict[str, list[dict]], *, dense_accuracy: float | None = None,
+                post_prune_accuracy: float | None = None, title: str = "") -> None:
+    """Accuracy and training loss per epoch, one line per method, dense and post-prune levels dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (accuracy_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for method, history in histories.items():
+        epochs = [r["epoch"] for r in history]
+        key = "val_accuracy" if history and "val_accuracy" in history[0] else None
+        if key:
+            accuracy_axis.plot(epochs, [100 * r[key] for r in history], marker="o", label=method)
+        loss_axis.plot(epochs, [r["train_ce"] for r in history], marker="o", label=method)
+    if dense_accuracy is not None:
+        accuracy_axis.axhline(100 * dense_accuracy, color="gray", linestyle="--", label="dense")
+    if post_prune_accuracy is not None:
+        accuracy_axis.axhline(100 * post_prune_accuracy, color="gray", linestyle=":", label="after pruning")
+    accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="held-out accuracy")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="training loss")
+    for axis in (accuracy_axis, loss_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
