@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
+from torchvision import transforms as T
 
 from .errors import FxlopError
 
@@ -55,8 +57,6 @@ class TensorImages(Dataset):
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, shift: int = 0, background: float = 0.0):
-        from torchvision import transforms as T
-
         self.images, self.labels = images, labels
         size = tuple(images.shape[-2:])
         self.augment = T.RandomCrop(size, padding=shift, fill=background) if shift else None
@@ -96,7 +96,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
     if not 0 <= val_fraction < 1:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if name == "digits":
-        return _digits(image_size or 16, channels or 1, val_fraction, split_seed, augment)
+        return _digits(16 if image_size is None else image_size, 1 if channels is None else channels, val_fraction, split_seed, augment)
     if name in ("cifar10", "cifar100"):
         _rgb_only(name, channels)
         if image_size not in (None, 32):
@@ -104,7 +104,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
         return _cifar(name, _existing_dir(name, data_dir), download, val_fraction, split_seed, augment)
     if name == "imagefolder":
         _rgb_only(name, channels)
-        return _imagefolder(_existing_dir(name, data_dir), image_size or 224, val_fraction, split_seed, augment)
+        if image_size is not None and image_size < 1:
+            raise DataError(f"image_size must be positive, got {image_size}")
+        return _imagefolder(_existing_dir(name, data_dir), 224 if image_size is None else image_size, val_fraction, split_seed, augment)
     raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 
@@ -176,9 +178,6 @@ def _existing_dir(name: str, data_dir: str | None) -> Path:
 
 def _cifar(name: str, root: Path, download: bool, val_fraction: float, split_seed: int,
            augment: bool) -> DatasetBundle:
-    import torchvision
-    from torchvision import transforms as T
-
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     normalize = [T.ToTensor(), T.Normalize(*_CIFAR_MEAN_STD[name])]
     train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
@@ -212,9 +211,6 @@ def _cifar_problem(cls, title: str, root: Path, download: bool, error: Exception
 
 
 def _imagefolder(root: Path, image_size: int, val_fraction: float, split_seed: int, augment: bool) -> DatasetBundle:
-    import torchvision
-    from torchvision import transforms as T
-
     test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise DataError(f"ImageFolder data in {root}: expected {root / 'train'} and {root / 'val'} (or test), "
@@ -257,5 +253,6 @@ def _stratified_split(indices, labels, val_fraction: float, split_seed: int, nam
     try:
         return train_test_split(indices, test_size=val_fraction, stratify=labels, random_state=split_seed)
     except ValueError as error:  # too few samples for every class to appear on both sides
+        detail = str(error) if len(str(error)) <= 200 else str(error)[:200] + " ..."
         raise DataError(f"cannot carve a stratified validation split of {val_fraction} off the {len(indices)} "
-                        f"training images of {name!r}: {error}") from error
+                        f"training images of {name!r}: {detail}") from error

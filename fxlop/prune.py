@@ -101,9 +101,10 @@ def prune(model: nn.Module, example_inputs, *, ratio: float, importance: str = "
     widths_after = _widths(model)
     unpruned = _unpruned(widths_before, widths_after, ignored_names, refused, global_pruning)
     if unpruned:
-        warnings.warn(f"torch-pruning left {len(unpruned)} layers at full width although ratio {ratio} asked to "
-                      f"shrink them: {', '.join(unpruned)} (it skips a group when floor(width * (1 - ratio)) would "
-                      f"be 0 channels, and layers coupled to ignored ones or that it cannot prune)", stacklevel=2)
+        listed = ", ".join(unpruned[:8]) + (f" and {len(unpruned) - 8} more" if len(unpruned) > 8 else "")
+        warnings.warn(f"torch-pruning left {len(unpruned)} layers wider than ratio {ratio} asks: {listed} (it skips "
+                      f"a group when floor(width * (1 - ratio)) would be 0 channels, and layers coupled to ignored "
+                      f"ones or that it cannot prune); see PruneResult.unpruned", stacklevel=2)
     model.train(was_training)
     return PruneResult(model=model, params_before=int(params_before), params_after=int(params_after),
                        macs_before=float(macs_before), macs_after=float(macs_after), widths_before=widths_before,
@@ -188,16 +189,17 @@ def _accumulate_gradients(model: nn.Module, batches, loss_fn: Callable) -> None:
 
 def _unpruned(before: dict[str, int], after: dict[str, int], ignored: list[str], refused: set[str],
               global_pruning: bool) -> list[str]:
-    """Conv/linear layers that kept their width although they should have shrunk.
+    """Conv/linear layers that should have shrunk further, in module order.
 
-    Local pruning shrinks every layer it is not told to ignore, so any such layer that kept its
-    width is reported. Global pruning may keep a layer whole on purpose (all its channels ranked
-    high), so only the layers of groups torch-pruning refused count there.
+    Local pruning shrinks every layer it is not told to ignore, so a layer that kept its width is
+    reported, and so is one of a group torch-pruning refused in a later iterative step. Global
+    pruning may keep a layer whole on purpose (all its channels ranked high), so only refused
+    groups count there.
     """
-    kept = [name for name, width in after.items() if width == before[name] and name not in ignored]
-    if global_pruning:
-        return [name for name in kept if name in refused]
-    return kept
+    def short(name: str) -> bool:
+        return name in refused or (not global_pruning and after[name] == before[name])
+
+    return [name for name in after if name not in ignored and short(name)]
 
 
 def _widths(model: nn.Module) -> dict[str, int]:

@@ -65,7 +65,7 @@ def test_expand_fuse_verify_commands(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["run", "--model", "resnet21"], "unknown model 'resnet21'"),
     (["run", "--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["run", "--dataset", "cifar10", "--data-dir", "{tmp}"], "CIFAR10 not found in"),
+    (["run", "--dataset", "cifar10", "--data-dir", "{tmp}"], "CIFAR-10 not found in"),
     (["run", "--ratio", "1.5"], "--ratio must be in (0, 1)"),
     (["run", "--ratio", "0"], "--ratio must be in (0, 1)"),
     (["run", "--weights", "{tmp}/corrupt.pt"], "corrupt.pt is unreadable"),

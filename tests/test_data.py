@@ -159,7 +159,6 @@ def test_missing_or_damaged_cifar_says_what_was_expected_where(tmp_path, name, t
     (folder / CIFAR_LAYOUT[name][3]).unlink()
     with pytest.raises(DataError, match=rf"{title} in {folder} is incomplete: missing {CIFAR_LAYOUT[name][3]}"):
         load_dataset(name, data_dir=str(tmp_path))
-    _fake_cifar(tmp_path / "", name) if False else None
     (folder / CIFAR_LAYOUT[name][3]).write_bytes(b"")
     with pytest.raises(DataError, match="fail torchvision's md5 check"):  # a fake is not the real data
         load_dataset(name, data_dir=str(tmp_path))
@@ -175,12 +174,13 @@ def no_md5(monkeypatch):
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_fake_cifar_in_the_real_format_loads(tmp_path, name, no_md5):
-    _fake_cifar(tmp_path, name, value=255)
+    classes = 10 if name == "cifar10" else 100
+    per_batch = 2 * classes  # two images of every class, so that validation can be stratified
+    _fake_cifar(tmp_path, name, per_batch=per_batch, value=255)
     train_batches = len(CIFAR_LAYOUT[name][1]) - 1
     bundle = load_dataset(name, data_dir=str(tmp_path), augment=False, val_fraction=0.5)
-    classes = 10 if name == "cifar10" else 100
-    assert (bundle.num_classes, bundle.input_shape, len(bundle.test)) == (classes, (3, 32, 32), 20)
-    assert len(bundle.train) + len(bundle.val) == 20 * train_batches
+    assert (bundle.num_classes, bundle.input_shape, len(bundle.test)) == (classes, (3, 32, 32), per_batch)
+    assert len(bundle.train) == len(bundle.val) == per_batch * train_batches // 2
     image, label = bundle.test[3]
     mean, std = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                  "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}[name]

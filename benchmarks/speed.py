@@ -1,0 +1,233 @@
+"""Speed and memory of fxlop, as ratios measured side by side in one run.
+
+1. Fine-tuning step (forward + backward + SGD step) of the expanded model, ``online`` (the default)
+   and ``chain``, divided by the same step of the compact pruned model; training memory ratio.
+2. The fused model against the pruned model it came from: parameters, MACs, inference latency.
+3. ``expand`` + ``fuse`` wall time divided by ``torch.fx.symbolic_trace`` + ``copy.deepcopy``.
+
+    python benchmarks/speed.py                 # CPU, writes benchmarks/results/speed.{json,md}
+    python benchmarks/speed.py --device cuda --bf16
+    python benchmarks/speed.py --quick         # a smoke run with tiny models (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torch_pruning as tp
+import torchvision
+from torchvision.models.vision_transformer import VisionTransformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import fxlop  # noqa: E402
+from fxlop.models import build_model  # noqa: E402
+from fxlop.prune import prune  # noqa: E402
+
+
+def _vit(depth, dim, heads, image=32, patch=4):
+    return VisionTransformer(image_size=image, patch_size=patch, num_layers=depth, num_heads=heads, hidden_dim=dim,
+                             mlp_dim=4 * dim, num_classes=10)
+
+
+def step_models(quick: bool):
+    """name -> (model factory, batch, input side)."""
+    if quick:
+        return {"resnet20 (CIFAR), 50 %": (lambda: build_model("resnet20", num_classes=10), 16, 32)}
+    return {
+        "resnet56 (CIFAR), 50 %": (lambda: build_model("resnet56", num_classes=10), 128, 32),
+        "mobilenet_v2, 50 %": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 64, 32),
+        "ViT (6 x 192, patch 4), 50 %": (lambda: _vit(6, 192, 3), 64, 32),
+    }
+
+
+def pass_models(quick: bool):
+    if quick:
+        return {"resnet18, 50 %": (lambda: torchvision.models.resnet18(num_classes=10), 64)}
+    return {"resnet50, 50 %": (lambda: torchvision.models.resnet50(), 224),
+            "vit_b_16, 50 %": (lambda: torchvision.models.vit_b_16(), 224)}
+
+
+def pruned_half(factory, side, device):
+    torch.manual_seed(0)
+    model = factory().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prune(model, torch.randn(1, 3, side, side), ratio=0.5)
+    return result.model.to(device)
+
+
+def training_step(model, x, y, bf16):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def training_bytes(model, x, y, bf16) -> int:
+    """Peak bytes of one training step: parameters, gradients and momentum, plus every tensor
+    autograd saves for the backward pass (deduplicated by storage).  On CUDA the allocator's peak."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        training_step(model, x, y, bf16)()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 3 * weights + sum(saved.values())
+
+
+def bench_training(quick, device, bf16, repeats, steps):
+    rows = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name, (factory, batch, side) in step_models(quick).items():
+        pruned = pruned_half(factory, side, device)
+        x = torch.randn(batch, 3, side, side, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        models = {"compact": copy.deepcopy(pruned).train(),
+                  "online": fxlop.expand(pruned, mode="online").train(),
+                  "chain": fxlop.expand(pruned, mode="chain").train()}
+        step_fns = {k: training_step(m, x, y, bf16) for k, m in models.items()}
+        # the first few steps of a model are several times slower (oneDNN sets up its kernels): warm up
+        times = common.interleaved({k: (lambda f=f: [f() for _ in range(steps)]) for k, f in step_fns.items()},
+                                   repeats=repeats, warmup=5, sync=sync)
+        memory = {k: training_bytes(m, x, y, bf16) for k, m in models.items()}
+        rows.append({
+            "model": name, "batch": batch, "input": side,
+            "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
+            "step_ms": {k: 1000 * min(v) / steps for k, v in times.items()},
+            "step_ratio_online": common.ratio_stats(times, "online", "compact"),
+            "step_ratio_chain": common.ratio_stats(times, "chain", "compact"),
+            "memory_bytes": memory,
+            "memory_ratio_online": memory["online"] / memory["compact"],
+            "memory_ratio_chain": memory["chain"] / memory["compact"],
+        })
+        print(f"training step {name}: online {common.fmt(rows[-1]['step_ratio_online'])}, "
+              f"chain {common.fmt(rows[-1]['step_ratio_chain'])}, memory online "
+              f"{rows[-1]['memory_ratio_online']:.2f}", flush=True)
+    return rows
+
+
+def bench_deployment(quick, device, repeats, calls):
+    rows = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name, (factory, batch, side) in step_models(quick).items():
+        pruned = pruned_half(factory, side, device).eval()
+        expanded = fxlop.expand(pruned)
+        with torch.no_grad():
+            for p in expanded.parameters():  # as if fine-tuned: the fused weights differ from the pruned ones
+                p.add_(torch.randn_like(p) * 0.01 * p.std())
+        fused = fxlop.fuse(expanded).eval()
+        x = torch.randn(batch, 3, side, side, device=device)
+        macs_pruned, params_pruned = tp.utils.count_ops_and_params(pruned, x[:1])
+        macs_fused, params_fused = tp.utils.count_ops_and_params(fused, x[:1])
+
+        def infer(model):
+            def run():
+                with torch.no_grad():
+                    for _ in range(calls):
+                        model(x)
+            return run
+        times = common.interleaved({"pruned": infer(pruned), "fused": infer(fused)}, repeats=repeats, warmup=3,
+                                   sync=sync)
+        rows.append({"model": name, "params_pruned": int(params_pruned), "params_fused": int(params_fused),
+                     "macs_pruned": float(macs_pruned), "macs_fused": float(macs_fused),
+                     "latency_ms": {k: 1000 * min(v) / calls for k, v in times.items()},
+                     "latency_ratio": common.ratio_stats(times, "fused", "pruned")})
+        print(f"deployment {name}: params {params_fused == params_pruned}, MACs {macs_fused == macs_pruned}, "
+              f"latency {common.fmt(rows[-1]['latency_ratio'], 3)}", flush=True)
+    return rows
+
+
+def bench_passes(quick, repeats):
+    rows = []
+    for name, (factory, side) in pass_models(quick).items():
+        pruned = pruned_half(factory, side, torch.device("cpu"))
+
+        def baseline():
+            copy.deepcopy(fx.symbolic_trace(pruned))
+
+        def passes():
+            fxlop.fuse(fxlop.expand(pruned))
+        times = common.interleaved({"trace+deepcopy": baseline, "expand+fuse": passes}, repeats=repeats, warmup=0)
+        params = sum(p.numel() for p in pruned.parameters())
+        rows.append({"model": name, "params": params, "seconds": {k: min(v) for k, v in times.items()},
+                     "ratio": common.ratio_stats(times, "expand+fuse", "trace+deepcopy")})
+        print(f"passes {name}: {rows[-1]['seconds']}, ratio {common.fmt(rows[-1]['ratio'], 1)}", flush=True)
+    return rows
+
+
+def markdown(result) -> str:
+    lines = [f"Measured {result['machine']['date']} on {result['machine']['cpu']} "
+             f"({result['machine']['torch_threads']} threads, torch {result['machine']['torch']}, "
+             f"device {result['device']}{', bf16 autocast' if result['bf16'] else ''}). Ratios: median (min-max) "
+             f"over {result['repeats']} interleaved rounds.", ""]
+    lines += ["| model (pruned) | batch | compact step ms | online / compact | chain / compact | "
+              "memory online / compact | memory chain / compact |", "|---|---|---|---|---|---|---|"]
+    for r in result["training"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['step_ms']['compact']:.1f} | "
+                     f"{common.fmt(r['step_ratio_online'])} | {common.fmt(r['step_ratio_chain'])} | "
+                     f"{r['memory_ratio_online']:.2f} | {r['memory_ratio_chain']:.2f} |")
+    lines += ["", "| model | params pruned = fused | MACs pruned = fused | inference fused / pruned |",
+              "|---|---|---|---|"]
+    for r in result["deployment"]:
+        lines.append(f"| {r['model']} | {r['params_pruned']:,} = {r['params_fused']:,} | "
+                     f"{r['macs_pruned']:,.0f} = {r['macs_fused']:,.0f} | {common.fmt(r['latency_ratio'], 3)} |")
+    lines += ["", "| model | params | trace + deepcopy s | expand + fuse s | ratio |", "|---|---|---|---|---|"]
+    for r in result["passes"]:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['seconds']['trace+deepcopy']:.3f} | "
+                     f"{r['seconds']['expand+fuse']:.2f} | {common.fmt(r['ratio'], 1)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="tiny models, few repeats: checks the script runs")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--name", default=None, help="result file name (default speed, speed_cuda, speed_quick)")
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    repeats = 2 if args.quick else args.repeats
+    result = {"machine": common.machine(), "device": str(device), "bf16": args.bf16, "repeats": repeats,
+              "training": bench_training(args.quick, device, args.bf16, repeats, steps=1 if args.quick else 3),
+              "deployment": bench_deployment(args.quick, device, repeats, calls=2 if args.quick else 10),
+              "passes": bench_passes(args.quick, 1 if args.quick else 3)}
+    name = args.name or ("speed_quick" if args.quick else "speed" if device.type == "cpu" else "speed_cuda")
+    table = markdown(result)
+    common.write(name, result, table)
+    if args.update_readme:
+        common.update_readme(name, table)
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
