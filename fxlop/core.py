@@ -9,8 +9,8 @@ from passes.select import Patterns
 
 
 def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", include: Patterns = None,
-           exclude: Patterns = None, depth: int = 3, seed: int = 0, leaf_modules: Patterns = None,
-           max_params: int | None = None) -> fx.GraphModule:
+           exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
+           leaf_modules: Patterns = None, max_params: int | None = None) -> fx.GraphModule:
     """Linearly over-parameterize every conv/linear of ``model``; its outputs do not change.
 
     ``model`` is an ``nn.Module`` (traced with ``torch.fx`` symbolic tracing) or a GraphModule; it
@@ -27,6 +27,7 @@ def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", incl
         include, exclude: qualified-name globs (``"layer1.*"``) or module types to expand / to keep.
         depth: linear ops per chain, ``>= 2``.
         seed: seed of the random orthonormal factors.
+        init: ``"orthogonal"`` or ``"balanced"`` (all factors at the same spectral norm).
         leaf_modules: globs or types of modules not to trace into (for data-dependent control flow).
         max_params: refuse an expansion that would give more parameters than this.
 
@@ -40,7 +41,7 @@ def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", incl
     """
     gm = model if isinstance(model, fx.GraphModule) else passes.trace(model, leaf_modules=leaf_modules)
     return passes.expand(gm, expansion=expansion, mode=mode, depth=depth, include=include,
-                         exclude=exclude, seed=seed, max_params=max_params)
+                         exclude=exclude, seed=seed, init=init, max_params=max_params)
 
 
 def fuse(gm: fx.GraphModule, *, fold_bn: bool = False, example_inputs=None) -> fx.GraphModule:

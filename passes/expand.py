@@ -19,6 +19,7 @@ from .expanded import COMPOSED, MODES, ExpandedLayer, KernelComposer, chain_plan
 from .ops import FUNCTION_MODULES, MODULE_FUNCTIONS, SPATIAL_DIMS, Call, bind, call_of_module, call_of_node, emit
 from .select import Patterns, selector
 
+INITS = ("orthogonal", "balanced")
 _TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
@@ -50,7 +51,7 @@ class _Layer:
 
 
 def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", depth: int = 3,
-           include: Patterns = None, exclude: Patterns = None, seed: int = 0,
+           include: Patterns = None, exclude: Patterns = None, seed: int = 0, init: str = "orthogonal",
            max_params: int | None = None) -> fx.GraphModule:
     """Rewrite every expandable conv/linear of ``gm`` into a chain whose product is its weight.
 
@@ -68,10 +69,12 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
         include, exclude: qualified-name globs or module types; functional calls match the module type
             of their functional (``F.conv2d`` ~ ``nn.Conv2d``) and the name of their weight.
         seed: seed of the random orthonormal outer factors.
+        init: ``"orthogonal"`` (outer factors orthonormal, the kernel factor carries the layer's
+            scale) or ``"balanced"`` (every factor rescaled to the same spectral norm).
         max_params: refuse, before allocating anything, an expansion whose model would have more
             parameters than this.
     """
-    _check_options(expansion, mode, depth, max_params)
+    _check_options(expansion, mode, depth, max_params, init)
     gm = copy.deepcopy(gm)
     layers, skipped = _find_layers(gm)
     is_included, is_excluded = selector(include), selector(exclude)
@@ -104,7 +107,7 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
     expanded = []
     for layer in tqdm(chosen, desc="expand", unit="layer", delay=2.0, leave=False, disable=None):
         shapes, kernel_index = plans[layer.name]
-        container = _expanded_layer(layer, shapes, kernel_index, generator)
+        container = _expanded_layer(layer, shapes, kernel_index, generator, init == "balanced")
         set_attr(gm, layer.name, container)
         _rewrite_sites(gm.graph, layer, container, mode)
         expanded.append({
@@ -117,14 +120,16 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
     gm.graph.lint()
     gm.recompile()
     gm.meta.setdefault("fxlop", {})["expand"] = {
-        "expansion": expansion, "mode": mode, "depth": depth, "seed": seed,
+        "expansion": expansion, "mode": mode, "depth": depth, "seed": seed, "init": init,
         "expanded": expanded, "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
         "params_before": params_before, "params_after": parameter_count(gm),
     }
     return gm
 
 
-def _check_options(expansion, mode, depth, max_params) -> None:
+def _check_options(expansion, mode, depth, max_params, init) -> None:
+    if init not in INITS:
+        raise ExpansionError(f"init must be one of {INITS}, got {init!r}")
     if mode not in MODES:
         raise ExpansionError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(expansion, Real) or isinstance(expansion, bool) or not expansion >= 1:
@@ -240,12 +245,13 @@ def _unexpandable(gm: fx.GraphModule, layer: _Layer) -> str | None:
     return None
 
 
-def _expanded_layer(layer: _Layer, shapes, kernel_index: int, generator: torch.Generator) -> ExpandedLayer:
+def _expanded_layer(layer: _Layer, shapes, kernel_index: int, generator: torch.Generator,
+                    balanced: bool) -> ExpandedLayer:
     groups = layer.sites[0].call.groups
     if layer.weight.device.type == "meta":
         factors = [torch.empty(s, dtype=layer.weight.dtype, device="meta") for s in shapes]
     else:
-        factors = linalg.factorize(layer.weight, groups, shapes, kernel_index, generator)
+        factors = linalg.factorize(layer.weight, groups, shapes, kernel_index, generator, balanced)
     factors = [nn.Parameter(f, requires_grad=layer.weight.requires_grad) for f in factors]
     if layer.module is None:
         return ExpandedLayer(factors, groups, kernel_index)

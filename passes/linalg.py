@@ -76,7 +76,7 @@ def orthonormal(rows: int, cols: int, generator: torch.Generator | None = None, 
 
 
 def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kernel_index: int,
-              generator: torch.Generator | None = None) -> list[Tensor]:
+              generator: torch.Generator | None = None, balanced: bool = False) -> list[Tensor]:
     """Factors of the given shapes whose chain product equals ``weight``.
 
     The 1x1 factors are orthonormal (columns before the kernel, rows after it), so their products
@@ -84,6 +84,10 @@ def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kern
     and ``Q (Q^T W P^T) P = W``.  Every factor is dense and random, so every one of them receives
     gradient (zero-padded identities would leave most entries dead).  Computed in float64 and
     returned in the weight's dtype and device.
+
+    ``balanced``: rescale so that every factor has the spectral norm ``s^(1/d)`` of a ``d``-factor
+    chain, ``s`` the spectral norm of ``W`` (as ``O x I*T`` per group), instead of 1 for the outer
+    factors and ``s`` for the kernel (the scale balance of Arora et al. 2018); the product is unchanged.
     """
     blocks = grouped(weight.detach().to(torch.float64), groups)
     pre_factors, post_factors = [], []
@@ -101,6 +105,12 @@ def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kern
     if pre is not None:
         kernel = kernel @ pre.transpose(1, 2).unsqueeze(1)
     kernel = ungrouped(kernel.permute(0, 2, 3, 1), shapes[kernel_index][2:])
+    outer_scale = 1.0
+    if balanced:
+        norm = torch.linalg.matrix_norm(blocks.reshape(groups, blocks.shape[1], -1), ord=2).max().item()
+        if norm > 0:
+            outer_scale = norm ** (1 / len(shapes))
+            kernel = kernel / outer_scale ** (len(shapes) - 1)
 
     factors = []
     it_pre, it_post = iter(pre_factors), iter(post_factors)
@@ -108,7 +118,7 @@ def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kern
         if index == kernel_index:
             factor = kernel
         else:
-            factor = ungrouped(next(it_pre if index < kernel_index else it_post).unsqueeze(-1), shape[2:])
+            factor = outer_scale * ungrouped(next(it_pre if index < kernel_index else it_post).unsqueeze(-1), shape[2:])
         factors.append(factor.to(dtype=weight.dtype, device=weight.device).contiguous())
     return factors
 

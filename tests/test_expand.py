@@ -271,19 +271,20 @@ def test_max_params_guard():
     assert fxlop.expand(model, max_params=10**7).meta["fxlop"]["expand"]["params_after"] <= 10**7
 
 
-@pytest.mark.parametrize("bad", [dict(mode="fast"), dict(expansion=0.5), dict(expansion="4"), dict(depth=1),
+@pytest.mark.parametrize("bad", [dict(init="zeros"), dict(mode="fast"), dict(expansion=0.5), dict(expansion="4"), dict(depth=1),
                                  dict(depth=2.0), dict(max_params=-1)])
 def test_bad_options_are_clear_errors(bad):
     with pytest.raises(fxlop.ExpansionError, match=next(iter(bad))):
         fxlop.expand(nn.Linear(2, 2), **bad)
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "balanced"])
 @pytest.mark.parametrize("depth", [2, 3, 4])
 @pytest.mark.parametrize("expansion", [1, 2.5])
-def test_depth_and_width(depth, expansion, measured):
+def test_depth_width_and_init(depth, expansion, init, measured):
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
     gm, error = _expanded_error(nn.Sequential(conv), _input(conv), measured, "expand fp32", depth=depth,
-                                expansion=expansion)
+                                expansion=expansion, init=init)
     assert error <= FP32_RTOL
     assert len(gm.meta["fxlop"]["expand"]["expanded"][0]["factor_shapes"]) == depth
 

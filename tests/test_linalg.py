@@ -88,3 +88,15 @@ def test_compose_exact_is_float64_and_cast_back():
     assert exact.dtype == torch.float32
     in_float64 = linalg.compose([f.double() for f in factors], 1, kernel_index)
     assert torch.equal(exact, in_float64.float())
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_balanced_factors_share_one_spectral_norm(depth):
+    weight = 0.2 * torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    shapes, kernel_index = linalg.chain_shapes(weight.shape, 2, 4, depth)
+    factors = linalg.factorize(weight, 2, shapes, kernel_index, torch.Generator().manual_seed(0), balanced=True)
+    assert relative_error(linalg.compose(factors, 2, kernel_index), weight) < FP64_RTOL
+    s = torch.linalg.matrix_norm(linalg.grouped(weight, 2).flatten(2), ord=2).max()
+    for factor in factors:
+        norm = torch.linalg.matrix_norm(linalg.grouped(factor, 2).flatten(2), ord=2).max()
+        assert norm.item() == pytest.approx(s.item() ** (1 / depth), rel=1e-9)

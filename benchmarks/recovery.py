@@ -1,0 +1,319 @@
+"""Accuracy recovered after pruning: vanilla fine-tuning, SP-only, LOP and LOP+SP, same budget.
+
+Protocol (one command, everything in one run): a dense model is trained once on the training
+split (cached); it is pruned at each ratio with torch-pruning (l2 group magnitude, classifier kept).
+Every method gets its own learning rate from a small sweep scored on a validation split carved from
+the training data, never on the test split; then every (ratio, budget, method) is fine-tuned with
+that rate over several seeds, on the same split, schedule (SGD momentum 0.9, cosine) and budget, and
+scored once on the test split.  Runs go to two worker processes of one thread each.
+
+    python benchmarks/recovery.py                     # digits grid, ~30 min on 2 cores
+    python benchmarks/recovery.py --study             # the lever study at R=0.8 (validation split)
+    python benchmarks/recovery.py --quick             # a smoke run (seconds)
+    python benchmarks/recovery.py --dataset cifar10 --data-dir ~/data --model resnet56 --device cuda \\
+        --dense-epochs 160 --budgets 20 80 --workers 1
+
+Writes benchmarks/results/recovery.json (every experiment with its settings), recovery.md (the
+table the README shows) and recovery.png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import multiprocessing
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import fxlop  # noqa: E402
+from fxlop.data import load_dataset, make_loader  # noqa: E402
+from fxlop.models import build_model  # noqa: E402
+from fxlop.prune import prune  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One way to fine-tune a pruned model; every lever of the study is a field."""
+
+    name: str
+    lop: bool = False
+    sp: bool = False
+    lr: float = 0.05
+    expansion: float = 4
+    depth: int = 3
+    init: str = "orthogonal"
+    layers: str = "all"  # "all" or "kxk" (only convolutions with a spatial kernel)
+    factor_weight_decay: float | None = None
+    factor_lr_scale: float = 1.0
+    gamma: float = 3000.0
+    taps: str = "layers"  # "layers": every conv/linear; "stages": the residual stage outputs
+    tap_reduction: str = "mean"
+    weight_decay: float = 5e-4
+
+
+BASELINES = {
+    "vanilla": Method("vanilla"),
+    "sp": Method("sp", sp=True),
+    "lop": Method("lop", lop=True),
+    "lop_sp": Method("lop_sp", lop=True, sp=True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    model: str = "resnet20"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    val_fraction: float = 0.2
+    dense_epochs: int = 30
+    dense_lr: float = 0.1
+    batch_size: int = 128
+    device: str = "cpu"
+
+
+_CONTEXT: dict = {}
+
+
+def context(setup: Setup) -> dict:
+    """Data, loaders and the dense model of a setup (per process, built once)."""
+    if setup in _CONTEXT:
+        return _CONTEXT[setup]
+    bundle = load_dataset(setup.dataset, data_dir=setup.data_dir, image_size=setup.image_size,
+                          val_fraction=setup.val_fraction, split_seed=0)
+    loaders = {"val": make_loader(bundle.val, batch_size=512, shuffle=False),
+               "test": make_loader(bundle.test, batch_size=512, shuffle=False)}
+    dense = dense_model(setup, bundle)
+    example = next(iter(loaders["test"]))[0][:2].to(setup.device)
+    _CONTEXT[setup] = {"bundle": bundle, "loaders": loaders, "dense": dense, "example": example, "pruned": {}}
+    return _CONTEXT[setup]
+
+
+def dense_model(setup: Setup, bundle) -> nn.Module:
+    path = CACHE / f"dense_{setup.model}_{setup.dataset}_{setup.image_size}_{setup.dense_epochs}.pt"
+    model = build_model(setup.model, num_classes=bundle.num_classes, in_channels=bundle.input_shape[0])
+    if path.exists():
+        model.load_state_dict(torch.load(path))
+        return model.to(setup.device).eval()
+    torch.manual_seed(0)
+    loader = make_loader(bundle.train, batch_size=setup.batch_size, shuffle=True, seed=0)
+    fxlop.finetune(model, loader, epochs=setup.dense_epochs, lr=setup.dense_lr, seed=0, device=setup.device,
+                   progress=False)
+    CACHE.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def pruned_model(setup: Setup, ratio: float):
+    ctx = context(setup)
+    if ratio not in ctx["pruned"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = prune(ctx["dense"], ctx["example"], ratio=ratio)
+        accuracy = {split: fxlop.evaluate(result.model, loader)["accuracy"] for split, loader in ctx["loaders"].items()}
+        ctx["pruned"][ratio] = (result, accuracy)
+    return ctx["pruned"][ratio]
+
+
+def _include(model: nn.Module, layers: str):
+    if layers == "all":
+        return None
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+
+
+def _taps(method: Method):
+    return None if method.taps == "layers" else ["layer1", "layer2", "layer3"]
+
+
+def run_one(job: tuple) -> dict:
+    """Fine-tune one pruned model with one method and seed; returns its scores."""
+    setup, ratio, method, seed, epochs = job
+    torch.set_num_threads(1)
+    ctx = context(setup)
+    pruned, _ = pruned_model(setup, ratio)
+    torch.manual_seed(seed)
+    student = pruned.model
+    if method.lop:
+        student = fxlop.expand(student, expansion=method.expansion, depth=method.depth, init=method.init,
+                               include=_include(student, method.layers), seed=seed)
+    else:
+        student = copy.deepcopy(student)
+    loader = make_loader(ctx["bundle"].train, batch_size=setup.batch_size, shuffle=True, seed=seed)
+    began = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fxlop.finetune(student, loader, teacher=ctx["dense"] if method.sp else None, epochs=epochs, lr=method.lr,
+                       weight_decay=method.weight_decay, factor_weight_decay=method.factor_weight_decay,
+                       factor_lr_scale=method.factor_lr_scale, gamma=method.gamma if method.sp else 0.0,
+                       taps=_taps(method), tap_reduction=method.tap_reduction, seed=seed, device=setup.device,
+                       progress=False)
+    seconds = time.perf_counter() - began
+    deployed = fxlop.fuse(student) if method.lop else student
+    scores = {split: fxlop.evaluate(deployed, loader)["accuracy"] for split, loader in ctx["loaders"].items()}
+    return {"ratio": ratio, "method": dataclasses.asdict(method), "seed": seed, "epochs": epochs,
+            "val_accuracy": scores["val"], "test_accuracy": scores["test"], "seconds_per_epoch": seconds / epochs,
+            "params_trained": sum(p.numel() for p in student.parameters())}
+
+
+def run_all(jobs: list[tuple], workers: int) -> list[dict]:
+    if workers <= 1:
+        return [run_one(job) for job in jobs]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return pool.map(run_one, jobs, chunksize=1)
+
+
+def summarize(results: list[dict], key: str) -> dict:
+    values = [100 * r[key] for r in results]
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def sweep(setup: Setup, ratios, methods: dict[str, Method], lrs, seeds, epochs, workers) -> tuple[dict, list]:
+    """Best learning rate per (ratio, method) by mean validation accuracy."""
+    jobs = [(setup, r, dataclasses.replace(m, lr=lr), s, epochs) for r in ratios for m in methods.values()
+            for lr in lrs for s in seeds]
+    results = run_all(jobs, workers)
+    best = {}
+    for ratio in ratios:
+        for name in methods:
+            by_lr = {lr: summarize([x for x in results if x["ratio"] == ratio and x["method"]["name"] == name
+                                    and x["method"]["lr"] == lr], "val_accuracy")["mean"] for lr in lrs}
+            best[(ratio, name)] = max(by_lr, key=by_lr.get)
+    return best, results
+
+
+def grid(args, setup: Setup) -> dict:
+    began = time.perf_counter()
+    context(setup)  # trains and caches the dense model before the workers start
+    ratios, budgets, seeds = args.ratios, args.budgets, list(range(args.seeds))
+    methods = {name: BASELINES[name] for name in args.methods}
+    best, sweep_results = sweep(setup, ratios, methods, args.lrs, [100 + s for s in range(args.sweep_seeds)],
+                                min(budgets), args.workers)
+    jobs = [(setup, r, dataclasses.replace(methods[m], lr=best[(r, m)]), s, b)
+            for r in ratios for b in budgets for m in methods for s in seeds]
+    results = run_all(jobs, args.workers)
+    rows = []
+    for ratio in ratios:
+        pruned, post = pruned_model(setup, ratio)
+        macs, params = tp.utils.count_ops_and_params(pruned.model, context(setup)["example"])
+        for budget in budgets:
+            row = {"ratio": ratio, "epochs": budget, "post_prune_test": 100 * post["test"], "params": int(params),
+                   "macs": float(macs), "widths": [pruned.widths_after[n] for n in _stage_names(pruned.widths_after)],
+                   "methods": {}}
+            for name in methods:
+                runs = [x for x in results if x["ratio"] == ratio and x["epochs"] == budget
+                        and x["method"]["name"] == name]
+                row["methods"][name] = {"lr": best[(ratio, name)], "test": summarize(runs, "test_accuracy"),
+                                        "val": summarize(runs, "val_accuracy"),
+                                        "seconds_per_epoch": statistics.median(x["seconds_per_epoch"] for x in runs),
+                                        "params_trained": runs[0]["params_trained"]}
+            rows.append(row)
+    dense = context(setup)["dense"]
+    return {"setup": dataclasses.asdict(setup), "machine": common.machine(), "seeds": seeds, "lrs": args.lrs,
+            "dense_test": 100 * fxlop.evaluate(dense, context(setup)["loaders"]["test"])["accuracy"],
+            "rows": rows, "runs": results, "sweep": sweep_results, "wall_time_s": time.perf_counter() - began}
+
+
+def _stage_names(widths: dict) -> list[str]:
+    wanted = ("conv1", "layer2.0.conv1", "layer3.0.conv1")
+    return [n for n in wanted if n in widths]
+
+
+def grid_markdown(result: dict) -> str:
+    setup = result["setup"]
+    names = list(result["rows"][0]["methods"])
+    lines = [f"{setup['model']} on {setup['dataset']}, dense {result['dense_test']:.1f} % test accuracy; "
+             f"test accuracy % after fine-tuning, mean ± std over {len(result['seeds'])} seeds, each method at its "
+             f"best learning rate (in brackets) from a sweep over {result['lrs']} scored on a validation split. "
+             f"Measured {result['machine']['date']} on {result['machine']['cpu']}, "
+             f"{result['wall_time_s'] / 60:.0f} min.", "",
+             "| R | widths | epochs | after pruning | " + " | ".join(names) + " | params | MACs | s/epoch (" +
+             "/".join(names) + ") |", "|" + "---|" * (7 + len(names))]
+    for row in result["rows"]:
+        cells = [f"{row['methods'][n]['test']['mean']:.1f} ± {row['methods'][n]['test']['std']:.1f} "
+                 f"({row['methods'][n]['lr']:g})" for n in names]
+        best = max(names, key=lambda n: row["methods"][n]["test"]["mean"])
+        cells[names.index(best)] = f"**{cells[names.index(best)]}**"
+        times = "/".join(f"{row['methods'][n]['seconds_per_epoch']:.2f}" for n in names)
+        lines.append(f"| {row['ratio']} | {'/'.join(map(str, row['widths']))} | {row['epochs']} | "
+                     f"{row['post_prune_test']:.1f} | " + " | ".join(cells) +
+                     f" | {row['params']:,} | {row['macs']:,.0f} | {times} |")
+    return "\n".join(lines)
+
+
+def grid_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = list(rows[0]["methods"])
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        means = [r["methods"][name]["test"]["mean"] for r in rows]
+        stds = [r["methods"][name]["test"]["std"] for r in rows]
+        axis.bar([j + i * width for j in range(len(rows))], means, width, yerr=stds, capsize=3, label=name)
+    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
+                    [f"R={r['ratio']}\n{r['epochs']} ep" for r in rows])
+    low = min(r["methods"][n]["test"]["mean"] - r["methods"][n]["test"]["std"] for r in rows for n in names)
+    axis.set_ylim(max(0, low - 5), 100)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(f"{result['setup']['model']} on {result['setup']['dataset']}: recovery after pruning")
+    axis.legend(ncol=len(names), fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dense-epochs", type=int, default=30)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.8, 0.9])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[10, 30])
+    parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=list(BASELINES))
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--sweep-seeds", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny grid: checks that the script runs")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.ratios, args.budgets, args.seeds, args.sweep_seeds, args.lrs = [0.8], [1], 2, 1, [0.05, 0.1]
+        args.dense_epochs = 1
+    setup = Setup(model=args.model, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+                  dense_epochs=args.dense_epochs, device=args.device)
+    result = grid(args, setup)
+    name = args.name or ("recovery_quick" if args.quick else "recovery")
+    table = grid_markdown(result)
+    common.write(name, result, table)
+    grid_plot(result, common.RESULTS / f"{name}.png")
+    if args.update_readme:
+        common.update_readme(name, table + f"\n\n![recovery](benchmarks/results/{name}.png)")
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
