@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import multiprocessing
 import statistics
 import sys
@@ -280,6 +281,48 @@ def grid_plot(result: dict, path: Path) -> None:
     plt.close(figure)
 
 
+#: the levers of the study, each a variant of a baseline (DESIGN.md: "known levers when LOP underperforms")
+STUDY = {
+    **BASELINES,
+    "lop_balanced": Method("lop_balanced", lop=True, init="balanced"),
+    "lop_factor_wd0": Method("lop_factor_wd0", lop=True, factor_weight_decay=0.0),
+    "lop_r2": Method("lop_r2", lop=True, expansion=2),
+    "lop_depth2": Method("lop_depth2", lop=True, depth=2),
+    "lop_kxk": Method("lop_kxk", lop=True, layers="kxk"),
+    "lop_factor_lr0.5": Method("lop_factor_lr0.5", lop=True, factor_lr_scale=0.5),
+    "sp_stages": Method("sp_stages", sp=True, taps="stages", tap_reduction="sum"),
+    "sp_gamma300": Method("sp_gamma300", sp=True, gamma=300.0),
+    "sp_gamma10000": Method("sp_gamma10000", sp=True, gamma=10000.0),
+}
+
+
+def study(args, setup: Setup, names: list[str]) -> dict:
+    """Each lever at one ratio and budget, scored on the validation split at its best learning rate."""
+    context(setup)
+    path = common.RESULTS / "recovery_study.json"
+    previous = json.loads(path.read_text()) if path.exists() else {"variants": {}}
+    seeds = list(range(args.seeds))
+    ratio, epochs = args.ratios[0], args.budgets[0]
+    for name in names:
+        began = time.perf_counter()
+        method = STUDY[name]
+        jobs = [(setup, ratio, dataclasses.replace(method, lr=lr), s, epochs) for lr in args.lrs for s in seeds]
+        results = run_all(jobs, args.workers)
+        by_lr = {lr: summarize([r for r in results if r["method"]["lr"] == lr], "val_accuracy") for lr in args.lrs}
+        best = max(by_lr, key=lambda lr: by_lr[lr]["mean"])
+        test = summarize([r for r in results if r["method"]["lr"] == best], "test_accuracy")
+        previous["variants"][name] = {
+            "settings": dataclasses.asdict(method), "ratio": ratio, "epochs": epochs, "seeds": seeds,
+            "val_by_lr": {str(lr): v for lr, v in by_lr.items()}, "best_lr": best, "val": by_lr[best], "test": test,
+            "seconds": time.perf_counter() - began, "machine": common.machine()}
+        print(f"{name:20s} best lr {best:<5g} val {by_lr[best]['mean']:.1f} ± {by_lr[best]['std']:.1f}  "
+              f"(test {test['mean']:.1f} ± {test['std']:.1f})  "
+              + "  ".join(f"{lr:g}: {v['mean']:.1f}" for lr, v in by_lr.items()), flush=True)
+        common.RESULTS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(previous, indent=2) + "\n")
+    return previous
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
@@ -296,6 +339,9 @@ def main(argv=None):
     parser.add_argument("--sweep-seeds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny grid: checks that the script runs")
+    parser.add_argument("--study", nargs="*", metavar="VARIANT",
+                        help=f"run the lever study (at the first ratio and budget) instead of the grid; "
+                             f"variants: {', '.join(STUDY)} (default all)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
@@ -304,6 +350,10 @@ def main(argv=None):
         args.dense_epochs = 1
     setup = Setup(model=args.model, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
                   dense_epochs=args.dense_epochs, device=args.device)
+    if args.study is not None:
+        if args.ratios == parser.get_default("ratios"):
+            args.ratios = [0.8]
+        return study(args, setup, args.study or list(STUDY))
     result = grid(args, setup)
     name = args.name or ("recovery_quick" if args.quick else "recovery")
     table = grid_markdown(result)

@@ -16,7 +16,7 @@ from . import models
 from .core import expand, fuse
 from .errors import FxlopError
 from .prune import prune
-from .report import plot_curves, table, write_json
+from .reporting import plot_curves, table, write_json
 from .train import TrainConfig, evaluate, finetune, init_distributed
 from .verify import verify
 

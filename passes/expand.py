@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from . import linalg
 from .errors import ExpansionError
 from .graph import inserting_before_with_meta, set_attr
-from .expanded import COMPOSED, MODES, ExpandedLayer, KernelComposer, chain_plan, parameter_count, source_of
+from .expanded import (COMPOSED, MODES, ExpandedLayer, KernelComposer, chain_plan, module_problem, new_expanded_layer,
+                       parameter_count, weight_problem)
 from .ops import FUNCTION_MODULES, MODULE_FUNCTIONS, SPATIAL_DIMS, Call, bind, call_of_module, call_of_node, emit
 from .select import Patterns, selector
 
@@ -74,7 +75,7 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
         max_params: refuse, before allocating anything, an expansion whose model would have more
             parameters than this.
     """
-    _check_options(expansion, mode, depth, max_params, init)
+    check_options(expansion, mode, depth, max_params, init)
     gm = copy.deepcopy(gm)
     layers, skipped = _find_layers(gm)
     is_included, is_excluded = selector(include), selector(exclude)
@@ -96,18 +97,16 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
     params_before = parameter_count(gm)
     params_after = params_before + sum(
         sum(math.prod(s) for s in plans[layer.name][0]) - layer.weight.numel() for layer in chosen)
-    if max_params is not None and params_after > max_params:
-        largest = max(chosen, key=lambda layer: sum(math.prod(s) for s in plans[layer.name][0]))
-        raise ExpansionError(
-            f"expanding {len(chosen)} layers would give {params_after:,} parameters, over "
-            f"max_params={max_params:,} (now {params_before:,}); the largest expanded layer is "
-            f"'{largest.name}'. Lower expansion or depth, or exclude layers.")
+    check_budget(max_params, params_before, params_after,
+                 {layer.name: sum(math.prod(s) for s in plans[layer.name][0]) for layer in chosen})
 
     generator = torch.Generator().manual_seed(seed)
     expanded = []
     for layer in tqdm(chosen, desc="expand", unit="layer", delay=2.0, leave=False, disable=None):
         shapes, kernel_index = plans[layer.name]
-        container = _expanded_layer(layer, shapes, kernel_index, generator, init == "balanced")
+        groups = layer.sites[0].call.groups
+        container = new_expanded_layer(layer.weight, groups, shapes, kernel_index, generator,
+                                       balanced=init == "balanced", module=layer.module, mode=mode, in_graph=True)
         set_attr(gm, layer.name, container)
         _rewrite_sites(gm.graph, layer, container, mode)
         expanded.append({
@@ -127,7 +126,18 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
     return gm
 
 
-def _check_options(expansion, mode, depth, max_params, init) -> None:
+def check_budget(max_params: int | None, before: int, after: int, factor_counts: dict[str, int]) -> None:
+    """The ``max_params`` guard, before anything is allocated."""
+    if max_params is not None and after > max_params:
+        largest = max(factor_counts, key=factor_counts.get)
+        raise ExpansionError(
+            f"expanding {len(factor_counts)} layers would give {after:,} parameters, over "
+            f"max_params={max_params:,} (now {before:,}); the largest expanded layer is "
+            f"'{largest}'. Lower expansion or depth, or exclude layers.")
+
+
+def check_options(expansion, mode, depth, max_params, init) -> None:
+    """Raise ExpansionError for settings the expansion cannot honour."""
     if init not in INITS:
         raise ExpansionError(f"init must be one of {INITS}, got {init!r}")
     if mode not in MODES:
@@ -210,12 +220,9 @@ def _parameter(gm: fx.GraphModule, node) -> nn.Parameter | None:
 def _unexpandable(gm: fx.GraphModule, layer: _Layer) -> str | None:
     """Why ``layer`` cannot be expanded exactly, or None."""
     weight = layer.weight
-    if not weight.is_floating_point():
-        return f"weight dtype {weight.dtype} is not floating point"
-    if weight.numel() == 0:
-        return f"weight of shape {tuple(weight.shape)} is empty"
-    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
-        return "weight has NaN or Inf entries"
+    problem = weight_problem(weight) if layer.module is None else module_problem(layer.module)
+    if problem is not None:
+        return problem
     groups = {site.call.groups for site in layer.sites}
     if len(groups) != 1:
         return f"call sites disagree on groups {sorted(groups)}"
@@ -234,29 +241,11 @@ def _unexpandable(gm: fx.GraphModule, layer: _Layer) -> str | None:
                     return f"its weight is also used by node '{user.name}'"
         elif node.op == "call_module" and layer.name.startswith(node.target + "."):
             return f"module '{node.target}' reads the weight inside its own forward"
-    if layer.module is not None:
-        module = layer.module
-        if module._forward_hooks or module._forward_pre_hooks:
-            return "the module has forward hooks, which the rewrite would drop"
-    elif weight.dim() != SPATIAL_DIMS[layer.sites[0].call.function] + 2:
+    if layer.module is None and weight.dim() != SPATIAL_DIMS[layer.sites[0].call.function] + 2:
         return f"weight of shape {tuple(weight.shape)} does not fit {layer.sites[0].call.function.__name__}"
     if weight.shape[0] % next(iter(groups)):
         return f"{weight.shape[0]} output channels do not divide into {next(iter(groups))} groups"
     return None
-
-
-def _expanded_layer(layer: _Layer, shapes, kernel_index: int, generator: torch.Generator,
-                    balanced: bool) -> ExpandedLayer:
-    groups = layer.sites[0].call.groups
-    if layer.weight.device.type == "meta":
-        factors = [torch.empty(s, dtype=layer.weight.dtype, device="meta") for s in shapes]
-    else:
-        factors = linalg.factorize(layer.weight, groups, shapes, kernel_index, generator, balanced)
-    factors = [nn.Parameter(f, requires_grad=layer.weight.requires_grad) for f in factors]
-    if layer.module is None:
-        return ExpandedLayer(factors, groups, kernel_index)
-    return ExpandedLayer(factors, groups, kernel_index, source=source_of(layer.module),
-                         bias=layer.module.bias, call=layer.sites[0].call)
 
 
 def _rewrite_sites(graph: fx.Graph, layer: _Layer, container: ExpandedLayer, mode: str) -> None:

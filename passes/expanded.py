@@ -17,7 +17,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import linalg
-from .ops import SPATIAL_DIMS, Call, apply, bind
+from .errors import FusionError
+from .ops import SPATIAL_DIMS, Call, apply, bind, call_of_module
 
 #: a chain step's weight: the index of a factor, or COMPOSED for the kernel composed in the graph
 COMPOSED = "composed"
@@ -87,11 +88,15 @@ class ExpandedLayer(nn.Module):
             weight of a functional call.
         bias: the module's bias (kept here so its state_dict key does not change); ``None`` otherwise.
         call: the module's :class:`~passes.ops.Call` (module layers only).
+        mode: how :meth:`forward` runs the chain when the layer is used as a module (``online``
+            or ``chain``); in a graph the expansion pass emits the subgraph instead.
+        in_graph: the layer belongs to a GraphModule whose graph reads its factors; only
+            ``passes.fuse`` can fuse it then.
     """
 
     def __init__(self, factors: Sequence[Tensor], groups: int, kernel_index: int,
                  source: tuple[type, dict] | None = None, bias: nn.Parameter | None = None,
-                 call: Call | None = None):
+                 call: Call | None = None, mode: str = "online", in_graph: bool = False):
         super().__init__()
         self.factors = nn.ParameterList([nn.Parameter(f) for f in factors])
         self.bias = bias
@@ -99,6 +104,8 @@ class ExpandedLayer(nn.Module):
         self.kernel_index = kernel_index
         self.source = source
         self.call = call
+        self.mode = mode
+        self.in_graph = in_graph
         order = linalg.contraction_order([f.shape for f in factors], groups, kernel_index)
         self.compose = KernelComposer(groups, kernel_index, order)
 
@@ -121,16 +128,62 @@ class ExpandedLayer(nn.Module):
         module.bias = self.bias
         return module
 
+    def fuse(self) -> nn.Module:
+        """The original module type with the composed weight (``timm.utils.reparameterize_model``
+        replaces every child that has ``fuse()`` by its result)."""
+        if self.source is None or self.in_graph:
+            raise FusionError("this expanded layer is part of a graph (or a functional weight): fuse the whole "
+                              "model with fxlop.fuse(gm)")
+        return self.fused()
+
     def forward(self, x: Tensor) -> Tensor:
-        """Eager equivalent of the layer (module layers only); the graph normally runs the subgraph."""
+        """The chain applied eagerly, step by step as :func:`chain_plan` lists it (module layers)."""
         if self.call is None:
             raise TypeError("an ExpandedLayer that replaced a functional weight is not callable")
-        return apply(self.call, x, self.compose(*self.factors), self.bias)
+        for step in chain_plan(self.call, self.depth, self.kernel_index, self.mode):
+            weight = self.compose(*self.factors) if step.weight == COMPOSED else self.factors[step.weight]
+            x = apply(step.call, x, weight, self.bias if step.has_bias else None)
+        return x
 
     def extra_repr(self) -> str:
         shapes = ", ".join("x".join(map(str, f.shape)) for f in self.factors)
         origin = self.source[0].__name__ if self.source else "functional weight"
-        return f"{origin}, factors=[{shapes}], groups={self.groups}, kernel_index={self.kernel_index}"
+        return f"{origin}, factors=[{shapes}], groups={self.groups}, kernel_index={self.kernel_index}, mode={self.mode}"
+
+
+def weight_problem(weight: Tensor) -> str | None:
+    """Why a weight cannot be factorized exactly, or None."""
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "its lazy module is not initialized yet (run one forward pass first)"
+    if not weight.is_floating_point():
+        return f"weight dtype {weight.dtype} is not floating point"
+    if weight.numel() == 0:
+        return f"weight of shape {tuple(weight.shape)} is empty"
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        return "weight has NaN or Inf entries"
+    return None
+
+
+def module_problem(module: nn.Module) -> str | None:
+    """Why a conv/linear module cannot be replaced by an expanded layer, or None."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "the module has forward hooks, which the rewrite would drop"
+    return weight_problem(module.weight)
+
+
+def new_expanded_layer(weight: Tensor, groups: int, shapes, kernel_index: int, generator: torch.Generator, *,
+                       balanced: bool = False, module: nn.Module | None = None, mode: str = "online",
+                       in_graph: bool = False) -> ExpandedLayer:
+    """Factorize ``weight`` (float64, exact) into an ExpandedLayer; ``module`` when it was a module's."""
+    if weight.device.type == "meta":
+        factors = [torch.empty(s, dtype=weight.dtype, device="meta") for s in shapes]
+    else:
+        factors = linalg.factorize(weight, groups, shapes, kernel_index, generator, balanced)
+    factors = [nn.Parameter(f, requires_grad=weight.requires_grad) for f in factors]
+    if module is None:
+        return ExpandedLayer(factors, groups, kernel_index, mode=mode, in_graph=in_graph)
+    return ExpandedLayer(factors, groups, kernel_index, source=source_of(module), bias=module.bias,
+                         call=call_of_module(module), mode=mode, in_graph=in_graph)
 
 
 def layer_nodes(graph: fx.Graph, name: str) -> list[fx.Node]:
@@ -170,5 +223,5 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "ExpandedLayer", "layer_nodes", "site_ends",
-           "source_of", "parameter_count"]
+__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "ExpandedLayer", "weight_problem",
+           "module_problem", "new_expanded_layer", "layer_nodes", "site_ends", "source_of", "parameter_count"]

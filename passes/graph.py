@@ -6,6 +6,7 @@ import copy
 
 import networkx as nx
 import torch.fx as fx
+import torch.nn as nn
 
 #: node metadata a rewrite passes on to the nodes that replace a node (module stack: which module
 #: a value belongs to, used to address block outputs by name)
@@ -16,9 +17,13 @@ def set_attr(gm: fx.GraphModule, qualified_name: str, value) -> None:
     """Put ``value`` (a module or a parameter) at ``qualified_name``, replacing what was there."""
     owner_name, _, attr = qualified_name.rpartition(".")
     owner = gm.get_submodule(owner_name)
-    # nn.Module.__setattr__ refuses a module where a parameter is registered, so unregister first
-    owner._parameters.pop(attr, None)
-    owner._modules.pop(attr, None)
+    # nn.Module.__setattr__ refuses a module where a parameter is registered (and the reverse), so
+    # unregister the other kind first; a module replacing a module keeps its place in _modules,
+    # which is the order nn.Sequential runs its children in
+    if isinstance(value, nn.Module):
+        owner._parameters.pop(attr, None)
+    else:
+        owner._modules.pop(attr, None)
     setattr(owner, attr, value)
 
 

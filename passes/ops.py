@@ -10,25 +10,30 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-#: functional -> number of spatial dims of its weight
-SPATIAL_DIMS: dict[Callable, int] = {F.linear: 0, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_ATEN = torch.ops.aten
+#: functional (or the aten op that ``torch.export`` graphs call) -> number of spatial dims of its weight
+SPATIAL_DIMS: dict[Callable, int] = {
+    F.linear: 0, F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+    _ATEN.linear.default: 0, _ATEN.conv1d.default: 1, _ATEN.conv2d.default: 2, _ATEN.conv3d.default: 3,
+    _ATEN.conv1d.padding: 1, _ATEN.conv2d.padding: 2, _ATEN.conv3d.padding: 3,
+}
 #: module types that are expanded, and the functional each one runs
 MODULE_FUNCTIONS: dict[type, Callable] = {
     nn.Linear: F.linear, nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d,
 }
 #: functional -> module type, so that ``include=[nn.Conv2d]`` also selects ``F.conv2d`` calls
-FUNCTION_MODULES: dict[Callable, type] = {f: m for m, f in MODULE_FUNCTIONS.items()}
+FUNCTION_MODULES: dict[Callable, type] = {
+    f: (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims] for f, dims in SPATIAL_DIMS.items()}
 
 _CONV_PARAMS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_PARAMS: dict[Callable, tuple[str, ...]] = {
-    F.linear: ("input", "weight", "bias"), F.conv1d: _CONV_PARAMS, F.conv2d: _CONV_PARAMS,
-    F.conv3d: _CONV_PARAMS,
-}
+_PARAMS: dict[Callable, tuple[str, ...]] = {f: _CONV_PARAMS if dims else ("input", "weight", "bias")
+                                            for f, dims in SPATIAL_DIMS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +50,7 @@ class Call:
 
     def pointwise(self) -> Call:
         """The call of a 1x1 factor next to this call's kernel: same op and groups, nothing else."""
-        return Call(self.function, (("groups", self.groups),) if self.function is not F.linear else ())
+        return Call(self.function, (("groups", self.groups),) if SPATIAL_DIMS[self.function] else ())
 
 
 def call_of_module(module: nn.Module) -> Call:

@@ -52,11 +52,13 @@ def trace(model: nn.Module, *, leaf_modules: Patterns = None) -> fx.GraphModule:
             name, module_type = tracer.failed_in
             where = f"in module '{name}' ({module_type.__name__})"
             hint = (f"Keep it as an opaque leaf with leaf_modules=['{name}'] (or "
-                    f"leaf_modules=[{module_type.__name__}]); its own layers are then not expanded.")
+                    f"leaf_modules=[{module_type.__name__}]); its own layers are then not expanded. Or expand "
+                    f"without tracing: fxlop.expand(model, trace=False).")
         else:
             where = f"in the forward of {type(model).__name__} itself"
-            hint = ("Move the untraceable code into a submodule and pass it as a leaf "
-                    "(leaf_modules=[...]), or trace the model yourself and pass the GraphModule.")
+            hint = ("Expand without tracing (fxlop.expand(model, trace=False)), move the untraceable code into a "
+                    "submodule and pass it as a leaf (leaf_modules=[...]), or trace the model yourself and pass "
+                    "the GraphModule.")
         raise TraceError(f"torch.fx could not trace {type(model).__name__}: tracing failed {where}: "
                          f"{type(error).__name__}: {error}. {hint}") from error
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__

@@ -321,3 +321,34 @@ def test_eval_mode_caches_the_composed_kernel_until_a_factor_changes():
     with torch.no_grad():
         composer(*factors)
     assert composer.__getstate__()["_cache"] is None
+
+
+class Untraceable(Branchy):
+    def __init__(self):
+        super().__init__()
+        self.alias = self.conv
+        self.tail = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+
+    def forward(self, x):
+        return self.tail(self.alias(self.conv(self.gate(x))))
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_expansion_without_tracing(mode, measured):
+    """trace=False: control flow is fine, shared modules stay shared, Sequential order is kept."""
+    model = Untraceable().eval()
+    x = torch.randn(2, 3, 5, 5).abs()  # the gate's branch with its conv
+    gm = fxlop.expand(model, trace=False, mode=mode)
+    assert isinstance(gm.conv, ExpandedLayer) and gm.conv is gm.alias
+    assert [type(m) for m in gm.tail] == [ExpandedLayer, nn.ReLU, ExpandedLayer]
+    with torch.no_grad():
+        assert measured("expand fp32", relative_error(gm(x), model(x))) <= FP32_RTOL
+        for param in gm.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    fused = fxlop.fuse(gm)
+    assert fused.conv is fused.alias and type(fused.conv) is nn.Conv2d
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+    with torch.no_grad():
+        assert relative_error(fused(x), gm(x)) <= FP32_RTOL
+    names = [e["name"] for e in fxlop.report(gm)["expand"]["expanded"]]
+    assert names == ["gate.proj", "conv", "tail.0", "tail.2"]

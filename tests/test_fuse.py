@@ -111,9 +111,14 @@ def test_fuse_with_nothing_to_fuse_returns_an_equivalent_copy():
     assert fused.get_parameter("stem.weight") is not traced.get_parameter("stem.weight")
 
 
-def test_fuse_rejects_a_plain_module():
-    with pytest.raises(fxlop.FxlopError, match="GraphModule"):
-        fxlop.fuse(nn.Linear(2, 2))
+def test_fuse_of_a_plain_module_is_a_copy_and_of_anything_else_an_error():
+    linear = nn.Linear(2, 2)
+    fused = fxlop.fuse(linear)
+    assert fused is not linear and torch.equal(fused.weight, linear.weight)
+    with pytest.raises(fxlop.FxlopError, match="model returned by fxlop.expand"):
+        fxlop.fuse(torch.zeros(2))
+    with pytest.raises(fxlop.FxlopError, match="fold_bn needs a traced model"):
+        fxlop.fuse(linear, fold_bn=True)
 
 
 def test_fold_batchnorm():
