@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .errors import EquivalenceError
+from .errors import EquivalenceError, FxlopError
 
 #: default relative tolerance by dtype: rounding of a deep net's outputs, tens of units of roundoff
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -53,8 +53,8 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs, *, rtol: 
     """
     args, kwargs = _split_inputs(example_inputs)
     with torch.no_grad(), _eval_mode(reference), _eval_mode(candidate):
-        expected = reference(*args, **kwargs)
-        got = candidate(*args, **kwargs)
+        expected = _call(reference, "reference", args, kwargs)
+        got = _call(candidate, "candidate", args, kwargs)
     worst = 0.0
     for path, exp, out in _paired_leaves(expected, got, "output"):
         if not isinstance(exp, torch.Tensor):
@@ -81,6 +81,14 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs, *, rtol: 
                 f"max abs deviation {diff.max().item():.3g} > allowed {allowed:.3g} "
                 f"(relative {error:.3g}, rtol {tolerance_rel:g}, atol {atol or 0:g}, dtype {exp.dtype})")
     return worst
+
+
+def _call(model, role: str, args, kwargs):
+    try:
+        return model(*args, **kwargs)
+    except Exception as error:  # the inputs do not fit the model: say so, not as an equivalence failure
+        raise FxlopError(f"verify: the {role} model ({type(model).__name__}) fails on example_inputs: "
+                         f"{type(error).__name__}: {error}") from error
 
 
 def _split_inputs(example_inputs) -> tuple[tuple, dict]:

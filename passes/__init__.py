@@ -2,7 +2,7 @@
 
 This package never imports :mod:`fxlop`; it knows nothing of training.
 """
-from .errors import ExpansionError, FusionError, FxlopError, TraceError
+from .errors import ExpansionError, FusionError, FxlopError, SelectionError, TraceError
 from .expand import expand
 from .expanded import ExpandedLayer, KernelComposer
 from .fold_bn import fold_batchnorm
@@ -10,4 +10,4 @@ from .fuse import fuse
 from .trace import trace
 
 __all__ = ["expand", "fuse", "fold_batchnorm", "trace", "ExpandedLayer", "KernelComposer",
-           "FxlopError", "TraceError", "ExpansionError", "FusionError"]
+           "FxlopError", "TraceError", "ExpansionError", "FusionError", "SelectionError"]

@@ -18,3 +18,7 @@ class ExpansionError(FxlopError):
 
 class FusionError(FxlopError):
     """An expanded subgraph cannot be fused back into one layer."""
+
+
+class SelectionError(FxlopError, TypeError):
+    """A layer pattern (include, exclude, leaf_modules) that is neither a glob nor a module type."""

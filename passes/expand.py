@@ -163,9 +163,12 @@ def _find_layers(gm: fx.GraphModule) -> tuple[dict[str, _Layer], dict[str, str]]
             if type(module) in MODULE_FUNCTIONS:
                 layer = layers.setdefault(node.target, _Layer(node.target, type(module), module.weight, module))
                 layer.sites.append(_Site(node, call_of_module(module)))
+            elif isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+                skipped[node.target] = weight_problem(module.weight)
             elif _looks_linear(module):
-                skipped[node.target] = (f"{type(module).__name__} is not expandable (only nn.Conv1d/2d/3d "
-                                        f"and nn.Linear themselves, not subclasses or other layer types)")
+                kind = f"{type(module).__module__}.{type(module).__qualname__}"
+                skipped[node.target] = (f"{kind} is not expandable (only nn.Conv1d/2d/3d and nn.Linear "
+                                        f"themselves, not subclasses, transposed, quantized or other layer types)")
         elif node.op == "call_function" and node.target in SPATIAL_DIMS:
             bound = bind(node)
             weight = bound.get("weight")

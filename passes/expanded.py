@@ -98,7 +98,7 @@ class ExpandedLayer(nn.Module):
                  source: tuple[type, dict] | None = None, bias: nn.Parameter | None = None,
                  call: Call | None = None, mode: str = "online", in_graph: bool = False):
         super().__init__()
-        self.factors = nn.ParameterList([nn.Parameter(f) for f in factors])
+        self.factors = nn.ParameterList([f if isinstance(f, nn.Parameter) else nn.Parameter(f) for f in factors])
         self.bias = bias
         self.groups = groups
         self.kernel_index = kernel_index
@@ -220,7 +220,8 @@ def source_of(module: nn.Module) -> tuple[type, dict]:
 
 
 def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Parameters of ``module``; those of lazy modules that are not initialized yet count 0."""
+    return sum(p.numel() for p in module.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
 
 
 __all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "ExpandedLayer", "weight_problem",

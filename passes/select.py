@@ -4,6 +4,8 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable
 
+from .errors import SelectionError
+
 Patterns = Iterable[str | type] | str | type | None
 
 
@@ -20,7 +22,7 @@ def selector(patterns: Patterns) -> Callable[[str, type], bool] | None:
     patterns = list(patterns)
     for pattern in patterns:
         if not isinstance(pattern, (str, type)):
-            raise TypeError(f"a layer pattern is a glob string or a module type, got {pattern!r}")
+            raise SelectionError(f"a layer pattern is a glob string or a module type, got {pattern!r}")
     globs = [p for p in patterns if isinstance(p, str)]
     types = tuple(p for p in patterns if isinstance(p, type))
 

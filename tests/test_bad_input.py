@@ -1,0 +1,251 @@
+"""Bad or unusual input: each case ends in a clear FxlopError subclass or a correct result.
+
+Never a silent wrong output, never a changed caller model.  (More cases live next to their
+features: data, models, pruning, training, CLI.)
+"""
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxlop
+from fxlop.verify import relative_error
+from passes import ExpandedLayer
+
+from conftest import FP32_RTOL, FP64_RTOL
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x) if x.mean() > 0 else x
+
+
+def _small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1))
+
+
+def _edited(kind):
+    gm = fxlop.expand(_small(), mode="chain")
+    graph = gm.graph
+    ops = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.conv2d]
+    if kind == "between":
+        with graph.inserting_after(ops[0]):
+            scaled = graph.call_function(torch.mul, (ops[0], 2.0))
+        ops[0].replace_all_uses_with(scaled)
+        scaled.args = (ops[0], 2.0)
+    elif kind == "reader":
+        factor = next(n for n in graph.nodes if n.op == "get_attr" and n.target == "0.factors.0")
+        output = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(output):
+            total = graph.call_function(torch.add, (output.args[0], graph.call_method("sum", (factor,))))
+        output.args = (total,)
+    else:
+        ops[1].kwargs = {**ops[1].kwargs, "dilation": (2, 2)}
+    gm.recompile()
+    return gm
+
+
+def _raises_on_reference():
+    fxlop.verify(nn.Linear(3, 2), nn.Linear(3, 2), torch.randn(2, 5))
+
+
+ERRORS = [
+    ("untraceable model names the module and the fix", lambda: fxlop.expand(nn.Sequential(Untraceable())),
+     fxlop.TraceError, r"module '0' \(Untraceable\).*leaf_modules=\['0'\].*trace=False"),
+    ("unknown mode", lambda: fxlop.expand(_small(), mode="fast"), fxlop.ExpansionError, "mode"),
+    ("expansion below 1", lambda: fxlop.expand(_small(), expansion=0.5), fxlop.ExpansionError, "expansion"),
+    ("expansion not a number", lambda: fxlop.expand(_small(), expansion="4"), fxlop.ExpansionError, "expansion"),
+    ("depth 1", lambda: fxlop.expand(_small(), depth=1), fxlop.ExpansionError, "depth"),
+    ("unknown init", lambda: fxlop.expand(_small(), init="zeros"), fxlop.ExpansionError, "init"),
+    ("negative max_params", lambda: fxlop.expand(_small(), max_params=-1), fxlop.ExpansionError, "max_params"),
+    ("memory budget", lambda: fxlop.expand(_small(), max_params=500), fxlop.ExpansionError,
+     r"would give [\d,]+ parameters, over max_params=500.*largest expanded layer is '0'"),
+    ("memory budget without tracing", lambda: fxlop.expand(_small(), max_params=500, trace=False),
+     fxlop.ExpansionError, "over max_params=500"),
+    ("not a module", lambda: fxlop.expand(torch.zeros(3)), fxlop.FxlopError, "nn.Module"),
+    ("include of the wrong type", lambda: fxlop.expand(_small(), include=[3]), fxlop.SelectionError, "glob"),
+    ("leaf_modules of the wrong type", lambda: fxlop.expand(_small(), leaf_modules=[1.5]), fxlop.SelectionError,
+     "glob"),
+    ("foreign node between factors", lambda: fxlop.fuse(_edited("between")), fxlop.FusionError,
+     "layer '0'.*found node 'mul'"),
+    ("foreign reader of a factor", lambda: fxlop.fuse(_edited("reader")), fxlop.FusionError,
+     "layer '0'.*reads '_0_factors_0'"),
+    ("edited kernel options", lambda: fxlop.fuse(_edited("options")), fxlop.FusionError, "options"),
+    ("fuse of a tensor", lambda: fxlop.fuse(torch.zeros(2)), fxlop.FxlopError, "fxlop.expand"),
+    ("fold_bn without a graph", lambda: fxlop.fuse(_small(), fold_bn=True), fxlop.FxlopError, "traced model"),
+    ("timm-style fuse of a graph's layer", lambda: fxlop.expand(_small()).get_submodule("0").fuse(),
+     fxlop.FusionError, "fxlop.fuse"),
+    ("outputs differ", lambda: fxlop.verify(_small(), nn.Sequential(*list(_small())[:2], nn.Conv2d(4, 4, 1)),
+                                            torch.randn(2, 3, 5, 5)), fxlop.EquivalenceError, r"output\[0, "),
+    ("inputs that do not fit", _raises_on_reference, fxlop.FxlopError, "reference model .* fails on example_inputs"),
+    ("unknown tap", lambda: fxlop.distiller(_small(), _small(), ["nope"]), fxlop.FxlopError, "nope"),
+    ("SP without a teacher", lambda: fxlop.finetune(_small(), [], gamma=1.0), fxlop.FxlopError, "teacher"),
+    ("SP batch mismatch", lambda: fxlop.similarity_loss(torch.randn(2, 3), torch.randn(4, 3)), fxlop.FxlopError,
+     "batch"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _check(model, x, *, expanded, skipped=(), rtol=FP32_RTOL, **options):
+    """Expand (and fuse) ``model``: the outputs must not change, the report must say what happened."""
+    before = copy.deepcopy(model.state_dict())
+    gm = fxlop.expand(model, **options)
+    report = fxlop.report(gm)["expand"]
+    assert [e["name"] for e in report["expanded"]] == expanded
+    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
+    for name, text in skipped:
+        assert text in reasons[name], reasons
+    with torch.no_grad():
+        reference = model(x)
+        assert relative_error(gm(x), reference) <= rtol
+        assert relative_error(fxlop.fuse(gm)(x), reference) <= rtol
+    for key, value in model.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(value, before[key]) or (value.isnan() == before[key].isnan()).all(), key
+    return gm
+
+
+class Functional(nn.Module):
+    def __init__(self, transform=None, stride=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+        self.transform, self.stride = transform, stride
+
+    def forward(self, x):
+        weight = self.weight * 2 if self.transform else self.weight
+        stride = x.shape[-1] // 5 if self.stride else 1
+        return F.conv2d(x, weight, stride=stride)
+
+
+class Subclassed(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+X = torch.randn(2, 3, 6, 6)
+
+
+def _nan(value):
+    model = _small()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = value
+    return model
+
+
+def _hooked():
+    model = _small()
+    model[2].register_forward_hook(lambda module, args, out: out + 1)
+    return model
+
+
+def _tied():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    model[2].weight = model[0].weight
+    return model
+
+
+CASES = [
+    ("ConvTranspose", nn.Sequential(nn.ConvTranspose2d(3, 3, 2), nn.Conv2d(3, 2, 1)), X, ["1"],
+     [("0", "ConvTranspose2d is not expandable")]),
+    ("padding_mode reflect", nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect")), X, ["0"], []),
+    ("padding_mode replicate", nn.Sequential(nn.Conv2d(3, 2, 3, padding=2, padding_mode="replicate")), X, ["0"], []),
+    ("padding_mode circular", nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="circular")), X, ["0"], []),
+    ("zero-size layer", nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 2)), torch.randn(2, 0), ["1"], [("0", "empty")]),
+    ("1-channel layers", nn.Sequential(nn.Conv2d(3, 1, 3), nn.Conv2d(1, 1, 3)), X, ["0", "1"], []),
+    ("groups == in_channels", nn.Sequential(nn.Conv2d(3, 6, 3, groups=3)), X, ["0"], []),
+    ("forward hooks", _hooked(), X, ["0"], [("2", "forward hooks")]),
+    ("tied weights", _tied(), torch.randn(2, 3), [], [("0", "tied"), ("2", "tied")]),
+    ("computed weight", Functional(transform=True), X, [], [("conv2d", "not a parameter")]),
+    ("options computed in the graph", Functional(stride=True), X, [], [("weight", "computes its conv options")]),
+    ("conv subclass traced through", nn.Sequential(Subclassed(3, 2, 3)), X, ["0.weight"], []),
+    ("no conv at all", nn.Sequential(nn.ReLU()), X, [], []),
+    ("include matching nothing", _small(), X, [], [("0", "not matched by include")]),
+]
+
+
+@pytest.mark.parametrize("model,x,expanded,skipped", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_correct_results(model, x, expanded, skipped):
+    options = {"include": "nothing*"} if skipped and skipped[0][1] == "not matched by include" else {}
+    _check(model.eval(), x, expanded=expanded, skipped=skipped, **options)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_weights_are_left_alone(value):
+    model = _nan(value)
+    gm = fxlop.expand(model)
+    assert {s["name"]: s["reason"] for s in fxlop.report(gm)["expand"]["skipped"]}["0"] == "weight has NaN or Inf entries"
+    assert type(gm.get_submodule("0")) is nn.Conv2d and isinstance(gm.get_submodule("2"), ExpandedLayer)
+    assert torch.equal(gm.get_parameter("0.weight").isnan(), model[0].weight.isnan())
+
+
+def test_uninitialized_lazy_module():
+    gm = fxlop.expand(nn.Sequential(nn.LazyConv2d(4, 3), nn.Conv2d(4, 4, 1)))
+    report = fxlop.report(gm)["expand"]
+    assert "run one forward pass first" in report["skipped"][0]["reason"]
+    assert [e["name"] for e in report["expanded"]] == ["1"]
+    gm(X)  # the lazy layer initializes itself as usual
+    assert gm.get_submodule("0").weight.shape == (4, 3, 3, 3)
+
+
+def test_meta_device_model_expands_and_fuses_shapes():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Linear(8, 4))
+    gm = fxlop.expand(model)
+    assert all(p.device.type == "meta" for p in gm.parameters())
+    assert [list(f.shape) for f in gm.get_submodule("0").factors] == [[12, 3, 1, 1], [32, 12, 3, 3], [8, 32, 1, 1]]
+    fused = fxlop.fuse(gm)
+    assert {k: (v.shape, v.device.type) for k, v in fused.state_dict().items()} == \
+        {k: (v.shape, "meta") for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, FP64_RTOL), (torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_half_and_double_models(dtype, rtol):
+    model = _small().to(dtype)
+    gm = _check(model, X.to(dtype), expanded=["0", "2"], rtol=rtol)
+    assert all(p.dtype == dtype for p in fxlop.fuse(gm).parameters())
+
+
+def test_expanded_model_cast_to_half_fuses_in_half():
+    gm = fxlop.expand(_small()).half()
+    fused = fxlop.fuse(gm)
+    assert all(p.dtype == torch.float16 for p in fused.parameters())
+    with torch.no_grad():
+        assert relative_error(fused(X.half()), gm(X.half())) <= 1e-2
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_devices(device):
+    model = _small().to(device)
+    gm = _check(model, X.to(device), expanded=["0", "2"])
+    assert {p.device.type for p in fxlop.fuse(gm).parameters()} == {device}
+
+
+def test_frozen_layers_stay_frozen():
+    model = _small()
+    model[0].requires_grad_(False)
+    gm = fxlop.expand(model)
+    assert not any(p.requires_grad for p in gm.get_submodule("0").factors)
+    assert all(p.requires_grad for p in gm.get_submodule("2").factors)
+    assert not fxlop.fuse(gm).get_parameter("0.weight").requires_grad
+
+
+def test_shared_module_and_reexpansion():
+    shared = nn.Conv2d(3, 3, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    gm = _check(model, X, expanded=["0"])
+    assert fxlop.report(gm)["expand"]["expanded"][0]["call_sites"] == 2
+    again = fxlop.expand(gm)
+    assert fxlop.report(again)["expand"]["expanded"] == []
+    assert fxlop.report(again)["expand"]["skipped"] == [{"name": "0", "reason": "already expanded"}]
