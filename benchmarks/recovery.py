@@ -64,11 +64,18 @@ class Method:
     weight_decay: float = 5e-4
 
 
+#: the four methods of the grid, with the library's defaults (chosen by the study below)
 BASELINES = {
     "vanilla": Method("vanilla"),
-    "sp": Method("sp", sp=True),
-    "lop": Method("lop", lop=True),
-    "lop_sp": Method("lop_sp", lop=True, sp=True),
+    "sp": Method("sp", sp=True, gamma=300.0),
+    "lop": Method("lop", lop=True, factor_lr_scale=0.5),
+    "lop_sp": Method("lop_sp", lop=True, sp=True, gamma=300.0, factor_lr_scale=0.5),
+}
+#: the settings the study started from (SP as in Tung & Mori's CIFAR runs, LOP factors at the base rate)
+UNTUNED = {
+    "sp_gamma3000": Method("sp_gamma3000", sp=True),
+    "lop_factor_lr1": Method("lop_factor_lr1", lop=True),
+    "lop_sp_gamma3000": Method("lop_sp_gamma3000", lop=True, sp=True),
 }
 
 
@@ -284,15 +291,17 @@ def grid_plot(result: dict, path: Path) -> None:
 #: the levers of the study, each a variant of a baseline (DESIGN.md: "known levers when LOP underperforms")
 STUDY = {
     **BASELINES,
+    **UNTUNED,
     "lop_balanced": Method("lop_balanced", lop=True, init="balanced"),
     "lop_factor_wd0": Method("lop_factor_wd0", lop=True, factor_weight_decay=0.0),
     "lop_r2": Method("lop_r2", lop=True, expansion=2),
     "lop_depth2": Method("lop_depth2", lop=True, depth=2),
     "lop_kxk": Method("lop_kxk", lop=True, layers="kxk"),
-    "lop_factor_lr0.5": Method("lop_factor_lr0.5", lop=True, factor_lr_scale=0.5),
     "sp_stages": Method("sp_stages", sp=True, taps="stages", tap_reduction="sum"),
-    "sp_gamma300": Method("sp_gamma300", sp=True, gamma=300.0),
     "sp_gamma10000": Method("sp_gamma10000", sp=True, gamma=10000.0),
+    "lop_factor_lr0.25": Method("lop_factor_lr0.25", lop=True, factor_lr_scale=0.25),
+    "lop_factor_lr0.5_wd0": Method("lop_factor_lr0.5_wd0", lop=True, factor_lr_scale=0.5, factor_weight_decay=0.0),
+    "lop_sp_gamma300": Method("lop_sp_gamma300", lop=True, sp=True, gamma=300.0),
 }
 
 

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=int, default=defaults.batch_size)
     tune.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     tune.add_argument("--factor-weight-decay", type=float, help="weight decay of the LOP factors (default: same)")
+    tune.add_argument("--factor-lr-scale", type=float, default=defaults.factor_lr_scale,
+                      help="learning rate of the LOP factors relative to --lr")
     tune.add_argument("--gamma", type=float, default=defaults.gamma, help="weight of the SP distillation loss")
     tune.add_argument("--taps", nargs="+", help="layer names or globs for SP (default: every conv/linear layer)")
     tune.add_argument("--tap-reduction", choices=("sum", "mean"), default=defaults.tap_reduction)
@@ -70,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     lop.add_argument("--expansion", type=float, default=defaults.expansion, help="width multiplier r")
     lop.add_argument("--mode", choices=("online", "chain"), default=defaults.mode)
     lop.add_argument("--depth", type=int, default=defaults.depth)
+    lop.add_argument("--init", choices=("orthogonal", "balanced"), default=defaults.init,
+                     help="factor scales: orthonormal outer factors, or all factors at one spectral norm")
     misc = run.add_argument_group("output")
     misc.add_argument("--seed", type=int, default=defaults.seed)
     misc.add_argument("--workers", type=int, default=defaults.workers, help="data loader workers")

@@ -54,10 +54,10 @@ class Distiller:
     names: list[str]
     only_in_teacher: list[str]
     only_in_student: list[str]
-    reduction: str = "sum"
+    reduction: str = "mean"
 
     def loss(self, student_taps: Mapping[str, Tensor], teacher_taps: Mapping[str, Tensor]) -> Tensor:
-        """Sum (or mean, with ``reduction="mean"``) of :func:`similarity_loss` over the paired taps."""
+        """Mean (or sum, with ``reduction="sum"``, Tung & Mori's form) of :func:`similarity_loss` over the taps."""
         losses = [similarity_loss(student_taps[n], teacher_taps[n]) for n in self.names]
         total = torch.stack(losses).sum()
         return total / len(losses) if self.reduction == "mean" else total
@@ -68,7 +68,7 @@ class Distiller:
 
 
 def distiller(teacher: nn.Module, student: nn.Module, taps: Iterable[str] | str | None = None, *,
-              reduction: str = "sum", leaf_modules=None) -> Distiller:
+              reduction: str = "mean", leaf_modules=None) -> Distiller:
     """Pair feature taps of ``teacher`` and ``student`` by qualified name.
 
     ``taps``: layer names or globs (``"layer*.2"``); by default every conv/linear layer of the

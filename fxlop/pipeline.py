@@ -46,12 +46,14 @@ class RunSettings:
     batch_size: int = 128
     weight_decay: float = 5e-4
     factor_weight_decay: float | None = None
-    gamma: float = 3000.0
+    factor_lr_scale: float = 0.5
+    gamma: float = 300.0
     taps: list[str] | None = None
     tap_reduction: str = "mean"
     expansion: float = 4
     mode: str = "online"
     depth: int = 3
+    init: str = "orthogonal"
     val_fraction: float = 0.0
     seed: int = 0
     workers: int = 0
@@ -185,9 +187,9 @@ def _finetune_method(method, settings, dense, pruned, train_loader, held_out, te
                      progress, out) -> dict:
     lop = method in ("lop", "lop_sp")
     student = expand(pruned, expansion=settings.expansion, mode=settings.mode, depth=settings.depth,
-                     seed=settings.seed) if lop else copy.deepcopy(pruned)
+                     init=settings.init, seed=settings.seed) if lop else copy.deepcopy(pruned)
     config = TrainConfig(epochs=settings.epochs, lr=settings.lr, weight_decay=settings.weight_decay,
-                         factor_weight_decay=settings.factor_weight_decay,
+                         factor_weight_decay=settings.factor_weight_decay, factor_lr_scale=settings.factor_lr_scale,
                          gamma=settings.gamma if method in ("sp", "lop_sp") else 0.0, taps=settings.taps,
                          tap_reduction=settings.tap_reduction, bf16=settings.bf16, seed=settings.seed)
     began = time.perf_counter()

@@ -36,8 +36,10 @@ class TrainConfig:
     ``factor_weight_decay``/``factor_lr_scale`` apply to the factors of expanded layers (parameters
     named ``*.factors.*``): ``factor_weight_decay=0`` leaves them out of weight decay (decay on
     factors biases the product towards low rank); ``None`` means the same as ``weight_decay``.
+    The factors train at half the base rate by default: a chain of factors moves its product
+    faster than one weight at the same rate (README, "Recovery after pruning").
     ``gamma`` weighs the SP loss over ``taps`` (names or globs, default every conv/linear layer),
-    summed or averaged over taps by ``tap_reduction``.
+    averaged (or summed) over taps by ``tap_reduction``.
     """
 
     epochs: int = 10
@@ -46,14 +48,14 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     factor_weight_decay: float | None = None
-    factor_lr_scale: float = 1.0
+    factor_lr_scale: float = 0.5
     schedule: str = "cosine"
     step_size: int = 30
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
     gamma: float = 0.0
     taps: list[str] | None = None
-    tap_reduction: str = "sum"
+    tap_reduction: str = "mean"
     bf16: bool = False
     seed: int = 0
 

@@ -34,7 +34,9 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
         FusionError: a subgraph does not have the shape the expansion gave it (an edit inserted
             or rewired nodes between the factors), naming the layer and the node.
     """
-    gm = copy.deepcopy(gm)
+    # the factors are only read, and then dropped: share them with gm instead of copying them
+    factors = {id(p): p for m in gm.modules() if isinstance(m, ExpandedLayer) for p in m.factors}
+    gm = copy.deepcopy(gm, memo=factors)
     graph = gm.graph
     layers = {name: m for name, m in gm.named_modules() if isinstance(m, ExpandedLayer)}
     flow = dataflow(graph)

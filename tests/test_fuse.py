@@ -11,7 +11,7 @@ import passes
 from fxlop.verify import relative_error
 from passes import ExpandedLayer
 
-from conftest import FP32_RTOL, FunctionalLayer
+from conftest import FunctionalLayer
 
 
 class Net(nn.Module):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import fxlop
 from fxlop.train import TrainConfig, finetune, load_checkpoint, save_checkpoint

@@ -1,0 +1,199 @@
+"""Every torchvision classification model: traced? pruned 50 %? expand -> perturb -> fuse -> verify.
+
+Each model runs in its own process with a time limit (torch-pruning does not finish on some
+models, and the largest ones need all the memory), first pruned, and dense when pruning fails or
+runs out of time.  The expansion width is 4, or the largest of 2, 1 that keeps the expanded model
+under ``--max-params`` (the ``max_params`` guard).
+
+    python benchmarks/zoo.py                 # all models, writes benchmarks/results/zoo.{json,md}
+    python benchmarks/zoo.py resnet18 vit_b_16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SIDES = {"inception_v3": 299}
+NUM_CLASSES = 10
+
+
+def one(name: str, prune_it: bool, max_params: int) -> dict:
+    """The round trip of one model, in this process."""
+    import torch
+    import torch.fx as fx
+    import torchvision
+
+    import fxlop
+    from fxlop.prune import prune
+
+    torch.manual_seed(0)
+    torch.set_num_threads(int(os.environ.get("ZOO_THREADS", "2")))
+    row = {"model": name}
+    model = torchvision.models.get_model(name, weights=None, num_classes=NUM_CLASSES).eval()
+    side = SIDES.get(name, 224)
+    x = torch.randn(2, 3, side, side)
+    row["params_dense"] = sum(p.numel() for p in model.parameters())
+    try:
+        fx.symbolic_trace(model)
+    except Exception as error:  # every tracing failure is a finding to report
+        row["traced"] = False
+        row["reason"] = f"symbolic_trace: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        return row
+    row["traced"] = True
+    if prune_it:
+        began = time.perf_counter()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = prune(model, x[:1], ratio=0.5).model.eval()
+            row["pruned"] = True
+        except Exception as error:  # torch-pruning's own failures: the model is used dense
+            row["pruned"] = False
+            row["prune_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else type(error).__name__
+        row["prune_s"] = time.perf_counter() - began
+    else:
+        row["pruned"] = False
+    row["params"] = sum(p.numel() for p in model.parameters())
+    traced = fx.symbolic_trace(model)
+    for expansion in (4, 2, 1):
+        try:
+            began = time.perf_counter()
+            gm = fxlop.expand(model, expansion=expansion, max_params=max_params)
+            row["expand_s"] = time.perf_counter() - began
+            row["expansion"] = expansion
+            break
+        except fxlop.ExpansionError:
+            continue
+    else:
+        row["reason"] = f"even expansion 1 exceeds max_params={max_params:,}"
+        return row
+    report = fxlop.report(gm)["expand"]
+    row.update(expanded=len(report["expanded"]), skipped=report["skipped"], params_expanded=report["params_after"])
+    row["expand_error"] = fxlop.verify(traced, gm, x)
+    with torch.no_grad():
+        for param_name, param in gm.named_parameters():
+            if ".factors." in param_name:
+                param.add_(torch.randn_like(param) * 0.02 * param.std())
+    began = time.perf_counter()
+    fused = fxlop.fuse(gm)
+    row["fuse_s"] = time.perf_counter() - began
+    row["same_state_dict"] = ({k: tuple(v.shape) for k, v in fused.state_dict().items()}
+                              == {k: tuple(v.shape) for k, v in traced.state_dict().items()})
+    row["fuse_error"] = fxlop.verify(gm, fused, x)
+    row["ok"] = row["same_state_dict"] and row["fuse_error"] <= 1e-5 and row["expand_error"] <= 1e-5
+    return row
+
+
+def run_isolated(name: str, prune_it: bool, timeout: int, max_params: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = handle.name
+    command = [sys.executable, __file__, "--one", name, "--out", out, "--max-params", str(max_params)]
+    if not prune_it:
+        command.append("--dense")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "timeout": True}
+    try:
+        return json.loads(Path(out).read_text())
+    except (OSError, json.JSONDecodeError):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        return {"model": name, "crashed": True, "reason": tail[0][:200]}
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def markdown(rows: list[dict], machine: dict) -> str:
+    ok = sum(bool(r.get("ok")) for r in rows)
+    traced = sum(bool(r.get("traced")) for r in rows)
+    lines = [f"{len(rows)} torchvision classification models, {traced} traced by symbolic_trace, {ok} round-trip "
+             f"(expand -> perturb the factors -> fuse, fp32 relative error <= 1e-5 and the exact state_dict). "
+             f"Measured {machine['date']} on {machine['cpu']}.", "",
+             "| model | traced | pruned 50 % | params | r | expanded / skipped | expand err | fuse err | "
+             "expand s | fuse s | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        note = r.get("reason") or r.get("prune_error") or ""
+        if r.get("prune_timeout"):
+            note = f"torch-pruning gave no result in {r['prune_timeout']} s; dense model used"
+        lines.append(
+            f"| {r['model']} | {'yes' if r.get('traced') else 'no'} | {'yes' if r.get('pruned') else 'no'} | "
+            f"{r.get('params', r.get('params_dense', 0)):,} | {r.get('expansion', '')} | "
+            f"{r.get('expanded', '')}{' / ' + str(len(r['skipped'])) if 'skipped' in r else ''} | "
+            f"{r['expand_error']:.1e} | {r['fuse_error']:.1e} | {r['expand_s']:.1f} | {r['fuse_s']:.1f} | {note} |"
+            if "fuse_error" in r else
+            f"| {r['model']} | {'yes' if r.get('traced') else 'no'} | | {r.get('params_dense', 0):,} | | | | | | | "
+            f"{note} |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict], machine: dict) -> str:
+    """The README's view: counts, and every model that did not round-trip with the reason."""
+    ok = [r for r in rows if r.get("ok")]
+    worst = max((max(r["expand_error"], r["fuse_error"]) for r in ok), default=0.0)
+    lines = [f"Of {len(rows)} torchvision classification models, {sum(bool(r.get('traced')) for r in rows)} are "
+             f"traced by `symbolic_trace` and {len(ok)} round-trip (pruned 50 % where torch-pruning can, expand, "
+             f"perturb every factor, fuse, verify: identical state_dict keys and shapes, largest fp32 relative "
+             f"error {worst:.1e}). {sum(bool(r.get('pruned')) for r in ok)} of them were pruned. Full table: "
+             f"[benchmarks/results/zoo.md](benchmarks/results/zoo.md) ({machine['date']}).", "",
+             "| left out or not pruned | why |", "|---|---|"]
+    for r in rows:
+        if not r.get("ok"):
+            lines.append(f"| {r['model']} | {r.get('reason') or 'round trip failed'} |")
+        elif not r.get("pruned"):
+            why = (f"torch-pruning gave no result within {r['prune_timeout']} s" if r.get("prune_timeout")
+                   else f"torch-pruning: {r.get('prune_error', '')}")
+            lines.append(f"| {r['model']} (round-trips dense) | {why} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per model and attempt")
+    parser.add_argument("--max-params", type=int, default=400_000_000)
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args(argv)
+    if args.one:
+        try:
+            row = one(args.one, not args.dense, args.max_params)
+        except Exception as error:  # recorded, so that the table names what failed
+            row = {"model": args.one, "crashed": True,
+                   "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}",
+                   "traceback": traceback.format_exc()[-2000:]}
+        Path(args.out).write_text(json.dumps(row))
+        return row
+    import torchvision
+
+    names = args.models or sorted(torchvision.models.list_models(module=torchvision.models))
+    rows = []
+    for name in names:
+        row = run_isolated(name, True, args.timeout, args.max_params)
+        if row.get("timeout"):
+            row = run_isolated(name, False, args.timeout, args.max_params)
+            row["prune_timeout"] = args.timeout
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("skipped", "traceback")}), flush=True)
+    result = {"machine": common.machine(), "rows": rows}
+    table = markdown(rows, result["machine"])
+    common.write("zoo" if not args.models else "zoo_partial", result, table)
+    if args.update_readme:
+        common.update_readme("zoo", summary(rows, result["machine"]))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
