@@ -329,7 +329,26 @@ def study(args, setup: Setup, names: list[str]) -> dict:
               + "  ".join(f"{lr:g}: {v['mean']:.1f}" for lr, v in by_lr.items()), flush=True)
         common.RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(previous, indent=2) + "\n")
+        (common.RESULTS / "recovery_study.md").write_text(study_markdown(previous) + "\n")
     return previous
+
+
+def study_markdown(study_result: dict) -> str:
+    """The lever study as a table, best validation accuracy first."""
+    variants = sorted(study_result["variants"].items(), key=lambda item: -item[1]["val"]["mean"])
+    first = variants[0][1]
+    lines = [f"R={first['ratio']}, {first['epochs']} epochs, {len(first['seeds'])} seeds; every variant at its best "
+             f"learning rate by validation accuracy (test accuracy for reference, not used to choose).", "",
+             "| variant | what changes | best lr | validation % | test % | validation % by lr |",
+             "|---|---|---|---|---|---|"]
+    defaults = dataclasses.asdict(Method("x"))
+    for name, v in variants:
+        changed = {k: val for k, val in v["settings"].items() if k not in ("name", "lr") and val != defaults[k]}
+        by_lr = ", ".join(f"{lr}: {x['mean']:.1f}" for lr, x in v["val_by_lr"].items())
+        lines.append(f"| {name} | {', '.join(f'{k}={val}' for k, val in changed.items()) or 'plain fine-tuning'} | "
+                     f"{v['best_lr']:g} | {v['val']['mean']:.1f} ± {v['val']['std']:.1f} | "
+                     f"{v['test']['mean']:.1f} ± {v['test']['std']:.1f} | {by_lr} |")
+    return "\n".join(lines)
 
 
 def main(argv=None):

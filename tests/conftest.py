@@ -6,7 +6,7 @@ import torch.nn as nn
 from hypothesis import settings
 
 # CI runs a few hundred property examples; the `slow` profile holds the long run.
-settings.register_profile("ci", max_examples=60, deadline=None, derandomize=True)
+settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True)
 settings.register_profile("slow", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
