@@ -97,14 +97,14 @@ def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kern
         rows, cols = shape[0] // groups, shape[1]
         (pre_factors if index < kernel_index else post_factors).append(orthonormal(rows, cols, generator, groups))
 
+    # Q^T W P^T is itself a chain (P^T, then W, then Q^T): compose it like any other
+    ones = (1,) * (weight.dim() - 2)
     pre = _chain_product(pre_factors)
     post = _chain_product(post_factors)
-    kernel = blocks.permute(0, 3, 1, 2)  # (g, T, O, I)
-    if post is not None:
-        kernel = post.transpose(1, 2).unsqueeze(1) @ kernel
-    if pre is not None:
-        kernel = kernel @ pre.transpose(1, 2).unsqueeze(1)
-    kernel = ungrouped(kernel.permute(0, 2, 3, 1), shapes[kernel_index][2:])
+    chain = [ungrouped(m.transpose(1, 2).unsqueeze(-1), ones) for m in (pre,) if m is not None]
+    chain.append(ungrouped(blocks, weight.shape[2:]))
+    chain += [ungrouped(m.transpose(1, 2).unsqueeze(-1), ones) for m in (post,) if m is not None]
+    kernel = compose(chain, groups, int(pre is not None))
     outer_scale = 1.0
     if balanced:
         norm = torch.linalg.matrix_norm(blocks.reshape(groups, blocks.shape[1], -1), ord=2).max().item()
@@ -149,27 +149,31 @@ def contraction_order(shapes: Sequence[Sequence[int]], groups: int, kernel_index
 def compose(factors: Sequence[Tensor], groups: int, kernel_index: int, order: str | None = None) -> Tensor:
     """The end-to-end weight of a chain, in the factors' dtype (differentiable).
 
-    The result is made contiguous: a non-contiguous kernel straight from the batched matmuls made
-    oneDNN's conv2d backward corrupt the heap on a partial last batch (torch 2.14.1, CPU).
+    The result is contiguous with standard strides: a non-contiguous kernel straight from the batched
+    matmuls made oneDNN's conv2d backward corrupt the heap on a partial last batch (torch 2.14.1, CPU).
     """
     kernel_size = factors[kernel_index].shape[2:]
     if order is None:
         order = contraction_order([f.shape for f in factors], groups, kernel_index)
     squeeze = [grouped(f, groups)[..., 0] for f in factors]
-    pre = _chain_product(squeeze[:kernel_index])
-    post = _chain_product(squeeze[kernel_index + 1:])
-    kernel = grouped(factors[kernel_index], groups).permute(0, 3, 1, 2)  # (g, T, E2, E1)
-    if order == "post_first":
-        if post is not None:
-            kernel = post.unsqueeze(1) @ kernel
-        if pre is not None:
-            kernel = kernel @ pre.unsqueeze(1)
-    else:
-        if pre is not None:
-            kernel = kernel @ pre.unsqueeze(1)
-        if post is not None:
-            kernel = post.unsqueeze(1) @ kernel
-    return ungrouped(kernel.permute(0, 2, 3, 1), kernel_size).contiguous()
+    pre = _chain_product(squeeze[:kernel_index])  # (g, E1, I)
+    post = _chain_product(squeeze[kernel_index + 1:])  # (g, O, E2)
+    # Taps-before-inputs layout (g, rows, T, E1): both contractions are then plain batched matmuls
+    # on reshapes, with no broadcast copies (which dominated the per-step cost on small layers).
+    kernel = grouped(factors[kernel_index], groups).transpose(2, 3)
+    g, rows, taps, _ = kernel.shape
+    steps = [("post", post), ("pre", pre)] if order == "post_first" else [("pre", pre), ("post", post)]
+    for side, matrix in steps:
+        if matrix is None:
+            continue
+        if side == "post":
+            rows = matrix.shape[1]
+            kernel = (matrix @ kernel.reshape(g, kernel.shape[1], -1)).reshape(g, rows, taps, -1)
+        else:
+            kernel = (kernel.reshape(g, rows * taps, -1) @ matrix).reshape(g, rows, taps, -1)
+    # Flatten then view: standard strides even on size-1 dims. A 1x1 kernel whose size-1 dims kept
+    # odd strides looked channels-last to conv, whose output then slowed every op downstream.
+    return kernel.transpose(2, 3).reshape(-1).view(g * rows, -1, *kernel_size)
 
 
 def compose_exact(factors: Sequence[Tensor], groups: int, kernel_index: int) -> Tensor:

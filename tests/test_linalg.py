@@ -71,6 +71,18 @@ def test_contraction_orders_agree(order):
     assert relative_error(composed, linalg.ungrouped(reference, (5, 5))) < FP64_RTOL
 
 
+@pytest.mark.parametrize("order", ["post_first", "pre_first"])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_composed_kernel_has_standard_strides(order, kernel):
+    # conv picks its output memory format from the weight's strides, size-1 dims included: a 1x1
+    # kernel with channels-last-looking strides made the whole downstream graph channels-last
+    shapes, kernel_index = linalg.chain_shapes((6, 4, kernel, kernel), 2, 4, 3)
+    factors = [torch.randn(shape) for shape in shapes]
+    composed = linalg.compose(factors, 2, kernel_index, order)
+    assert composed.stride() == torch.empty(composed.shape).stride()
+    assert F.conv2d(torch.randn(2, 8, 5, 5), composed, groups=2).is_contiguous()
+
+
 def test_contraction_order_counts_multiply_adds():
     # composing the kernel with the narrow end first is cheaper: 16,384 vs 270,336 multiply-adds
     narrow_in = [(64, 2, 1, 1), (64, 64, 3, 3), (64, 64, 1, 1)]
