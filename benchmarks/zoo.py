@@ -11,8 +11,10 @@ under ``--max-params`` (the ``max_params`` guard).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,9 +28,32 @@ import common  # noqa: E402
 
 SIDES = {"inception_v3": 299}
 NUM_CLASSES = 10
+#: layers wider than this are left dense: the float64 QR behind their orthonormal factors grows with
+#: the cube of the width (VGG's 12,544-wide pruned classifier: ~16 TFLOP, a quarter hour on 2 cores)
+MAX_WIDTH = 8192
 
 
-def one(name: str, prune_it: bool, max_params: int) -> dict:
+class PruneTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    """Interrupt the block after ``seconds`` (torch-pruning loops in Python on some models, so an
+    alarm gets through)."""
+    def interrupt(signum, frame):
+        raise PruneTimeout
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def one(name: str, prune_it: bool, max_params: int, prune_timeout: int) -> dict:
     """The round trip of one model, in this process."""
     import torch
     import torch.fx as fx
@@ -54,10 +79,13 @@ def one(name: str, prune_it: bool, max_params: int) -> dict:
     if prune_it:
         began = time.perf_counter()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _time_limit(prune_timeout):
                 warnings.simplefilter("ignore")
                 model = prune(model, x[:1], ratio=0.5).model.eval()
             row["pruned"] = True
+        except PruneTimeout:
+            row["pruned"] = False
+            row["prune_timeout"] = prune_timeout  # prune() works on a copy: `model` is still the dense one
         except Exception as error:  # torch-pruning's own failures: the model is used dense
             row["pruned"] = False
             row["prune_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}" if str(error) else type(error).__name__
@@ -66,10 +94,14 @@ def one(name: str, prune_it: bool, max_params: int) -> dict:
         row["pruned"] = False
     row["params"] = sum(p.numel() for p in model.parameters())
     traced = fx.symbolic_trace(model)
+    wide = [n for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and max(m.weight.shape[:2]) > MAX_WIDTH]
+    if wide:
+        row["excluded"] = wide
     for expansion in (4, 2, 1):
         try:
             began = time.perf_counter()
-            gm = fxlop.expand(model, expansion=expansion, max_params=max_params)
+            gm = fxlop.expand(model, expansion=expansion, max_params=max_params, exclude=wide or None)
             row["expand_s"] = time.perf_counter() - began
             row["expansion"] = expansion
             break
@@ -95,10 +127,11 @@ def one(name: str, prune_it: bool, max_params: int) -> dict:
     return row
 
 
-def run_isolated(name: str, prune_it: bool, timeout: int, max_params: int) -> dict:
+def run_isolated(name: str, prune_it: bool, timeout: int, max_params: int, prune_timeout: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = handle.name
-    command = [sys.executable, __file__, "--one", name, "--out", out, "--max-params", str(max_params)]
+    command = [sys.executable, __file__, "--one", name, "--out", out, "--max-params", str(max_params),
+               "--prune-timeout", str(prune_timeout)]
     if not prune_it:
         command.append("--dense")
     try:
@@ -124,6 +157,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
              "expand s | fuse s | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = r.get("reason") or r.get("prune_error") or ""
+        if r.get("excluded"):
+            note = f"left dense, wider than {MAX_WIDTH}: {', '.join(r['excluded'])}. {note}".strip()
         if r.get("prune_timeout"):
             note = f"torch-pruning gave no result in {r['prune_timeout']} s; dense model used"
         lines.append(
@@ -150,7 +185,11 @@ def summary(rows: list[dict], machine: dict) -> str:
     for r in rows:
         if not r.get("ok"):
             lines.append(f"| {r['model']} | {r.get('reason') or 'round trip failed'} |")
-        elif not r.get("pruned"):
+            continue
+        if r.get("excluded"):
+            lines.append(f"| {r['model']} (round-trips; layers left dense) | wider than {MAX_WIDTH}: "
+                         f"{', '.join(r['excluded'])} |")
+        if not r.get("pruned"):
             why = (f"torch-pruning gave no result within {r['prune_timeout']} s" if r.get("prune_timeout")
                    else f"torch-pruning: {r.get('prune_error', '')}")
             lines.append(f"| {r['model']} (round-trips dense) | {why} |")
@@ -164,12 +203,22 @@ def main(argv=None):
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model and attempt")
+    parser.add_argument("--prune-timeout", type=int, default=120,
+                        help="seconds torch-pruning may take before the model is used dense")
+    parser.add_argument("--resume", type=Path, help="reuse the rows of an earlier run's output (JSON lines)")
     parser.add_argument("--max-params", type=int, default=400_000_000)
     parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--render", action="store_true", help="only re-render zoo.md (and the README) from zoo.json")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads((common.RESULTS / "zoo.json").read_text())
+        common.write("zoo", result, markdown(result["rows"], result["machine"]))
+        if args.update_readme:
+            common.update_readme("zoo", summary(result["rows"], result["machine"]))
+        return result
     if args.one:
         try:
-            row = one(args.one, not args.dense, args.max_params)
+            row = one(args.one, not args.dense, args.max_params, args.prune_timeout)
         except Exception as error:  # recorded, so that the table names what failed
             row = {"model": args.one, "crashed": True,
                    "reason": f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}",
@@ -179,12 +228,22 @@ def main(argv=None):
     import torchvision
 
     names = args.models or sorted(torchvision.models.list_models(module=torchvision.models))
+    done = {}
+    if args.resume:
+        for line in args.resume.read_text().splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                done[row["model"]] = row
     rows = []
     for name in names:
-        row = run_isolated(name, True, args.timeout, args.max_params)
+        if name in done:
+            rows.append(done[name])
+            continue
+        row = run_isolated(name, True, args.timeout, args.max_params, args.prune_timeout)
         if row.get("timeout"):
-            row = run_isolated(name, False, args.timeout, args.max_params)
-            row["prune_timeout"] = args.timeout
+            row = run_isolated(name, False, args.timeout, args.max_params, args.prune_timeout)
+            if row.get("timeout"):
+                row["reason"] = f"no result within {args.timeout} s, pruned or dense, on this machine"
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("skipped", "traceback")}), flush=True)
     result = {"machine": common.machine(), "rows": rows}
