@@ -1,6 +1,8 @@
 """Symbolic tracing with an error that says where tracing broke and how to get past it."""
 from __future__ import annotations
 
+import copy
+
 import torch.fx as fx
 import torch.nn as nn
 
@@ -40,13 +42,15 @@ def trace(model: nn.Module, *, leaf_modules: Patterns = None) -> fx.GraphModule:
     (qualified-name globs or types) are kept as opaque ``call_module`` nodes.
 
     The GraphModule shares parameters with ``model``; the passes copy before they change anything.
+    ``model`` itself gains nothing: torch.fx stores each tensor constant of the forward on the root
+    it traces (``_tensor_constant0`` ...), so the root traced here is a shallow copy.
 
     Raises:
         TraceError: naming the module whose forward could not be traced and how to leave it out.
     """
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(copy.copy(model))
     except Exception as error:  # tracing fails with many types; all mean the same thing here
         if tracer.failed_in is not None and tracer.failed_in[0]:
             name, module_type = tracer.failed_in

@@ -218,6 +218,26 @@ def test_caller_model_is_not_mutated():
     assert type(traced.get_submodule("0")) is nn.Conv2d
 
 
+class _TensorConstant(nn.Module):
+    """Makes a tensor in its forward: torch.fx stores it as a ``_tensor_constant`` attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.linear(x) * torch.tensor([1.0, 2.0, 3.0])
+
+
+def test_tracing_adds_no_attribute_to_the_caller_model():
+    model = _TensorConstant()
+    attributes = set(vars(model))
+    gm = fxlop.expand(model)
+    assert set(vars(model)) == attributes
+    # so a later trace of the caller's model names its constants as the expanded graph does
+    assert fxlop.fuse(gm).state_dict().keys() == fx.symbolic_trace(model).state_dict().keys()
+
+
 def test_expanding_twice_changes_nothing_more():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
     for mode in ("online", "chain"):
