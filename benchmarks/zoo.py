@@ -260,7 +260,7 @@ def summary(rows: list[dict], machine: dict) -> str:
     ok = [r for r in rows if r.get("ok")]
     worst = max(ok, key=lambda r: max(r["expand_error"], r["fuse_error"]), default=None)
     worst_text = (f"; largest {max(worst['expand_error'], worst['fuse_error']):.1e} ({worst['model']}, whose own "
-                  f"fp32 error is {worst['fp32_floor']:.1e})" if worst else "")
+                  f"fp32 error is {worst.get('fp32_floor', float('nan')):.1e})" if worst else "")
     lines = [f"Of {len(rows)} torchvision classification models, {sum(bool(r.get('traced')) for r in rows)} are "
              f"traced by `symbolic_trace` and {len(ok)} round-trip: pruned 50 % where torch-pruning can, expand, "
              f"perturb every factor, fuse, verify; identical state_dict keys and shapes; fp32 relative error at "
