@@ -45,6 +45,16 @@ MAX_WIDTH = 8192
 MIN_INPUT_SENSITIVITY = 1e-3
 
 
+def fp32_floor(model, x) -> float:
+    """The model's own fp32 rounding error: its output against that of a float64 copy."""
+    import torch
+
+    from fxlop.verify import relative_error
+
+    with torch.no_grad():
+        return relative_error(model(x), copy.deepcopy(model).double()(x.double()))
+
+
 def fp32_tolerance(row: dict) -> float:
     """The largest fp32 relative error a round trip may show: 1e-5, or four times the model's own fp32
     rounding error (``fp32_floor``: the fp32 model against the same model in fp64) in deep networks
@@ -158,7 +168,7 @@ def one(name: str, prune_it: bool, max_params: int, prune_timeout: int) -> dict:
     with torch.no_grad():
         logits = model(x)
         try:
-            row["fp32_floor"] = relative_error(logits, copy.deepcopy(model).double()(x.double()))
+            row["fp32_floor"] = fp32_floor(model, x)
         except Exception as error:  # a forward that cannot run in float64: 1e-5 stays the tolerance
             row["fp32_floor_error"] = f"{type(error).__name__}: {str(error)[:160]}"
     row["input_sensitivity"] = relative_error(logits[1], logits[0])
