@@ -53,10 +53,19 @@ def test_modes_and_statistics_are_left_as_they_were():
     assert int(reference.bn.num_batches_tracked) == 0
 
 
+class IgnoresScale(Outputs):
+    def forward(self, x, scale=1.0):
+        return super().forward(x)
+
+
 def test_keyword_and_positional_inputs():
     x = torch.randn(4, 3)
-    fxlop.verify(Outputs(), Outputs(), {"x": x, "scale": 2.0})
-    fxlop.verify(Outputs(), Outputs(), (x, 2.0))
+    for inputs in ({"x": x, "scale": 2.0}, (x, 2.0)):
+        assert fxlop.verify(Outputs(), Outputs(), inputs) == 0.0
+        # every input reaches both models: one that ignores `scale` differs once scale is not 1
+        with pytest.raises(fxlop.EquivalenceError, match=r"output\['y'\]"):
+            fxlop.verify(Outputs(), IgnoresScale(), inputs)
+    assert fxlop.verify(Outputs(), IgnoresScale(), {"x": x, "scale": 1.0}) == 0.0
 
 
 def test_structure_mismatch():
@@ -76,3 +85,118 @@ def test_relative_error_definition():
     assert relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
     assert relative_error(torch.ones(2), torch.zeros(2)) == float("inf")
     assert relative_error(torch.tensor([float("nan")]), torch.ones(1)) == float("inf")
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+class Const(nn.Module):
+    """Returns fixed outputs (whatever the input): lets a test choose both sides of a comparison."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, x):
+        return self.output
+
+
+def _verify(expected, got, **tolerances):
+    return fxlop.verify(Const(expected), Const(got), torch.zeros(1), **tolerances)
+
+
+@pytest.mark.parametrize("got", [
+    [INF, 1.0, 7.0],  # an inf in the reference made the allowed deviation infinite: a 6.0 passed
+    [INF, NAN, 2.0],  # a NaN where the reference has a number
+    [1e30, 1.0, 2.0],  # a number where the reference has an inf
+    [-INF, 1.0, 2.0],  # the inf's sign flipped
+    [NAN, 1.0, 2.0],  # NaN for inf
+])
+def test_nonfinite_reference_does_not_hide_a_difference(got):
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[\d\]: expected"):
+        _verify(torch.tensor([INF, 1.0, 2.0]), torch.tensor(got))
+
+
+@pytest.mark.parametrize("expected,got", [
+    ([NAN, 1.0], [0.0, 1.0]), ([1.0, 2.0], [1.0, NAN]), ([1.0, 2.0], [1.0, INF]), ([1.0, -INF], [1.0, INF]),
+])
+def test_nonfinite_mismatch_names_the_element(expected, got):
+    index = next(i for i, (e, g) in enumerate(zip(expected, got)) if not (e == g or (e != e and g != g)))
+    with pytest.raises(fxlop.EquivalenceError, match=rf"output\[{index}\]: .*NaN/inf positions or signs differ at 1 of 2"):
+        _verify(torch.tensor(expected), torch.tensor(got))
+    assert relative_error(torch.tensor(got), torch.tensor(expected)) == INF
+
+
+def test_matching_nonfinite_values_pass_and_the_tolerance_comes_from_the_finite_part():
+    reference = torch.tensor([[INF, -INF, NAN], [1.0, -2.0, 0.5]])
+    # fp32: allowed deviation 1e-5 * max |finite reference| = 2e-5
+    close = reference + torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.5e-5, 0.0]])
+    deviation = abs(close[1, 1].item() + 2.0)  # 1.5e-5 as fp32 rounds it
+    assert _verify(reference, close) == relative_error(close, reference) == pytest.approx(deviation / 2, rel=1e-12)
+    assert relative_error(reference.clone(), reference) == 0.0
+    far = reference + torch.tensor([[0.0, 0.0, 0.0], [0.0, 3e-5, 0.0]])
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[1, 1\]: expected -2, got -1.99997.*> allowed 2e-05"):
+        _verify(reference, far)
+
+
+def test_all_nonfinite_reference():
+    reference = torch.tensor([INF, NAN])
+    assert _verify(reference, reference.clone()) == 0.0
+    with pytest.raises(fxlop.EquivalenceError, match="NaN/inf"):
+        _verify(reference, torch.tensor([INF, 0.0]))
+
+
+def test_complex_outputs_are_compared_whole():
+    reference = torch.tensor([3 + 4j, 1 - 1j], dtype=torch.complex128)
+    # only the imaginary part differs: comparing real parts alone passed this
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[0\]: expected 3\+4j, got 3\+5j"):
+        _verify(reference, reference + torch.tensor([1j, 0]))
+    # the deviation is the modulus of the complex difference, relative to the largest modulus (5)
+    shifted = reference + torch.tensor([(3 + 4j) * 1e-12, 0])
+    assert _verify(reference, shifted) == pytest.approx(5e-12 / 5, rel=1e-6)
+    assert relative_error(shifted, reference) == pytest.approx(1e-12, rel=1e-6)
+    with pytest.raises(fxlop.EquivalenceError, match="complex128"):
+        _verify(reference, reference + torch.tensor([(3 + 4j) * 1e-10, 0]))  # over fp64's 1e-10
+
+
+def test_complex_tolerance_follows_the_part_dtype_and_nonfinite_parts_count():
+    reference = torch.tensor([1 + 1j, 2 - 2j], dtype=torch.complex64)
+    assert _verify(reference, reference * (1 + 2e-6)) > 0  # complex64: fp32's 1e-5
+    with pytest.raises(fxlop.EquivalenceError, match="complex64"):
+        _verify(reference, reference * (1 + 1e-4))
+    with_inf = torch.tensor([complex(1, INF), 2 - 2j], dtype=torch.complex64)
+    assert _verify(with_inf, with_inf.clone()) == 0.0
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[0\].*NaN/inf"):
+        _verify(with_inf, torch.tensor([complex(1, -INF), 2 - 2j], dtype=torch.complex64))
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[0\]: expected 1\+infj, got 1\.5\+infj"):
+        _verify(with_inf, torch.tensor([complex(1.5, INF), 2 - 2j], dtype=torch.complex64))  # the finite part
+
+
+def test_worst_element_is_named_in_nested_outputs():
+    reference = {"a": (torch.zeros(2, 3), torch.ones(3, 4))}
+    got = {"a": (torch.zeros(2, 3), torch.ones(3, 4))}
+    got["a"][1][2, 1] += 0.5
+    got["a"][1][0, 3] += 0.1
+    with pytest.raises(fxlop.EquivalenceError,
+                       match=r"^output\['a'\]\[1\]\[2, 1\]: expected 1, got 1\.5; max abs deviation 0\.5 > allowed "
+                             r"1e-05 at 2 of 12 elements \(relative 0\.5, rtol 1e-05, atol 0, dtype torch\.float32\)$"):
+        _verify(reference, got)
+
+
+def test_scalar_outputs():
+    assert _verify(torch.tensor(2.0), torch.tensor(2.0)) == 0.0
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[\]: expected 2, got 3"):
+        _verify(torch.tensor(2.0), torch.tensor(3.0))
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[\]: expected inf, got nan"):
+        _verify(torch.tensor(INF), torch.tensor(NAN))
+
+
+@pytest.mark.parametrize("bad", [dict(rtol=-1e-5), dict(atol=float("nan")), dict(rtol=float("inf")), dict(atol="0")])
+def test_bad_tolerances_are_clear_errors(bad):
+    with pytest.raises(fxlop.FxlopError, match=f"{next(iter(bad))} must be a finite number >= 0"):
+        _verify(torch.ones(2), torch.ones(2), **bad)
+
+
+def test_relative_error_needs_equal_shapes():
+    with pytest.raises(fxlop.EquivalenceError, match=r"shape \(2, 1\) with one of shape \(2,\)"):
+        relative_error(torch.ones(2, 1), torch.ones(2))
