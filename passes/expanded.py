@@ -48,8 +48,18 @@ def chain_plan(call: Call, depth: int, kernel_index: int, mode: str) -> list[Ste
 class KernelComposer(nn.Module):
     """Composes a chain's factors into one weight inside the graph (the ``online`` mode).
 
-    In eval mode without autograd the composed weight is cached until a factor changes (any
-    in-place update bumps its version), so inference costs one conv per layer, not a composition.
+    In eval mode without autograd the composed kernel is cached together with a copy of the factors
+    it was composed from, and reused only while every factor is bitwise equal to that copy (same
+    dtype, device and shape).  Nothing that changes a factor can serve a stale kernel: optimizer
+    steps, ``load_state_dict``, writes through ``p.data`` (which do not bump ``p._version``),
+    ``p.data = other`` (even at a recycled address) and ``.to(dtype)`` all show in the comparison.
+    The copy holds as much memory as the factors while the cache lives; training mode, autograd,
+    ``train()`` and ``.to()``/``.cuda()``/``.half()`` drop it, and so do ``copy``/``pickle``.
+
+    Why cache at all (eval inference, 2-core CPU, medians of 21 interleaved rounds, pruned 50 %):
+    composing on every call took 10.8 vs 7.0 ms (checked cache) per batch of 1 on ResNet-20 and
+    201 vs 69 ms on a 6 x 192 ViT; at batch 64 the two were within noise on ResNet-20 and 1.3x
+    apart on the ViT.  The fused model is faster still (3.6 and 15 ms): deploy that.
     """
 
     def __init__(self, groups: int, kernel_index: int, order: str):
@@ -57,16 +67,27 @@ class KernelComposer(nn.Module):
         self.groups = groups
         self.kernel_index = kernel_index
         self.order = order
-        self._cache: tuple[tuple, Tensor] | None = None
+        self._cache: tuple[tuple[Tensor, ...], Tensor] | None = None
 
     def forward(self, *factors: Tensor) -> Tensor:
-        if self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._cache = None
             return linalg.compose(factors, self.groups, self.kernel_index, self.order)
-        key = tuple((f.data_ptr(), f._version, f.dtype, f.device, f.shape) for f in factors)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, linalg.compose(factors, self.groups, self.kernel_index, self.order))
-        return self._cache[1]
+        if self._cache is not None and _bitwise_equal(self._cache[0], factors):
+            return self._cache[1]
+        self._cache = None  # free the old copy before taking a new one
+        kernel = linalg.compose(factors, self.groups, self.kernel_index, self.order)
+        self._cache = (tuple(f.detach().clone() for f in factors), kernel)
+        return kernel
+
+    def train(self, mode: bool = True) -> KernelComposer:
+        if mode:
+            self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # .to(), .cuda(), .half(), ...: the factors move or change dtype
+        return super()._apply(fn, recurse)
 
     def __getstate__(self):
         state = super().__getstate__().copy()
@@ -75,6 +96,23 @@ class KernelComposer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, kernel_index={self.kernel_index}, order={self.order}"
+
+
+#: integer dtypes of each element size, to compare floating-point tensors bit by bit
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bitwise_equal(saved: Sequence[Tensor], factors: Sequence[Tensor]) -> bool:
+    """Whether ``factors`` hold exactly the bits of ``saved`` (NaN payloads and signed zeros included)."""
+    if len(saved) != len(factors):
+        return False
+    for old, new in zip(saved, factors):
+        if old.dtype != new.dtype or old.device != new.device or old.shape != new.shape:
+            return False
+        bits = _BITS.get(old.element_size()) if old.is_floating_point() else None
+        if not (torch.equal(old.view(bits), new.detach().view(bits)) if bits else torch.equal(old, new.detach())):
+            return False
+    return True
 
 
 class ExpandedLayer(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.verify import relative_error
-from passes import ExpandedLayer
+from passes import ExpandedLayer, linalg
 
 from conftest import FP32_RTOL, FP64_RTOL, FunctionalLayer
 
@@ -341,6 +341,100 @@ def test_eval_mode_caches_the_composed_kernel_until_a_factor_changes():
     with torch.no_grad():
         composer(*factors)
     assert composer.__getstate__()["_cache"] is None
+
+
+def _cached_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    return fxlop.expand(model, mode="online", seed=seed).eval()
+
+
+def _write_through_data(gm):
+    factor = gm.get_submodule("0").factors[1]
+    factor.data.copy_(factor.data * -2.0)  # writes through .data do not bump factor._version
+
+
+def _assign_at_the_same_address(gm):
+    # what a recycled allocation looks like to a cache keyed on (data_ptr, _version): the factor's
+    # tensor is replaced (p.data = other keeps p's version counter) by one at the same address that
+    # holds other values; made deterministic here by a second alias of the original storage
+    factor = gm.get_submodule("0").factors[1]
+    original = factor.data
+    factor.data = original.clone()
+    original.mul_(-2.0)  # bumps the alias's version counter, not the parameter's
+    factor.data = original
+    assert factor.data_ptr() == original.data_ptr()
+
+
+def _load_state_dict(gm):
+    gm.load_state_dict(_cached_model(seed=1).state_dict())
+
+
+def _load_state_dict_assign(gm):
+    gm.load_state_dict(_cached_model(seed=1).state_dict(), assign=True)
+
+
+def _round_trip_through_half(gm):
+    gm.half()
+    gm.float()  # the factors now hold fp16-rounded values, in new (possibly recycled) storage
+
+
+def _composed_afresh(layer):
+    return linalg.compose(list(layer.factors), layer.groups, layer.kernel_index, layer.compose.order)
+
+
+@pytest.mark.parametrize("update", [_write_through_data, _assign_at_the_same_address, _load_state_dict,
+                                    _load_state_dict_assign, _round_trip_through_half])
+def test_cached_kernel_is_never_stale(update):
+    """Eval inference reuses the composed kernel only while the factors hold the bits it came from."""
+    gm = _cached_model()
+    layer = gm.get_submodule("0")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        before = gm(x)
+        kernel = layer.compose(*layer.factors)
+        assert layer.compose(*layer.factors) is kernel  # cached
+        update(gm)
+        expected = _composed_afresh(layer)
+        assert not torch.equal(expected, kernel)  # the update changed the layer
+        assert torch.equal(layer.compose(*layer.factors), expected)
+        after = gm(x)
+    with torch.enable_grad():  # composed afresh, as in training
+        fresh = gm(x).detach()
+    assert torch.equal(after, fresh) and not torch.equal(after, before)
+
+
+def test_kernel_cache_is_dropped_by_train_and_to():
+    gm = _cached_model()
+    composer = gm.get_submodule("0.compose")
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        gm(x)
+    assert composer._cache is not None
+    gm.train()
+    assert composer._cache is None  # the copy of the factors is not held through training
+    gm.eval()
+    with torch.no_grad():
+        gm(x)
+    gm.to(torch.float64)
+    assert composer._cache is None
+    with torch.no_grad():
+        assert gm(x.double()).dtype == torch.float64
+
+
+def test_kernel_cache_under_inference_mode():
+    gm = _cached_model()
+    layer = gm.get_submodule("0")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.inference_mode():
+        first = gm(x)
+    with torch.no_grad():
+        assert torch.equal(gm(x), first)
+        layer.factors[0].data.mul_(3.0)
+        changed = gm(x)
+    assert not torch.equal(changed, first)
+    with torch.inference_mode():
+        assert torch.equal(gm(x), changed)
 
 
 class Untraceable(Branchy):
