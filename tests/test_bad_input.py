@@ -98,9 +98,19 @@ def test_errors(call, error, match):
         call()
 
 
+def _assert_untouched(model, before, modules_before):
+    """``model`` holds exactly the ``before`` state_dict (NaN for NaN, bit for bit otherwise) and modules."""
+    state = model.state_dict()
+    assert state.keys() == before.keys()
+    for key, value in state.items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules_before
+
+
 def _check(model, x, *, expanded, skipped=(), rtol=FP32_RTOL, **options):
     """Expand (and fuse) ``model``: the outputs must not change, the report must say what happened."""
     before = copy.deepcopy(model.state_dict())
+    modules_before = [(name, type(m)) for name, m in model.named_modules()]
     gm = fxlop.expand(model, **options)
     report = fxlop.report(gm)["expand"]
     assert [e["name"] for e in report["expanded"]] == expanded
@@ -111,8 +121,7 @@ def _check(model, x, *, expanded, skipped=(), rtol=FP32_RTOL, **options):
         reference = model(x)
         assert relative_error(gm(x), reference) <= rtol
         assert relative_error(fxlop.fuse(gm)(x), reference) <= rtol
-    for key, value in model.state_dict().items():  # the caller's model is untouched
-        assert torch.equal(value, before[key]) or (value.isnan() == before[key].isnan()).all(), key
+    _assert_untouched(model, before, modules_before)  # the caller's model is untouched
     return gm
 
 
@@ -183,10 +192,17 @@ def test_correct_results(model, x, expanded, skipped):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_nan_and_inf_weights_are_left_alone(value):
     model = _nan(value)
+    before = copy.deepcopy(model.state_dict())
+    modules_before = [(name, type(m)) for name, m in model.named_modules()]
     gm = fxlop.expand(model)
     assert {s["name"]: s["reason"] for s in fxlop.report(gm)["expand"]["skipped"]}["0"] == "weight has NaN or Inf entries"
     assert type(gm.get_submodule("0")) is nn.Conv2d and isinstance(gm.get_submodule("2"), ExpandedLayer)
-    assert torch.equal(gm.get_parameter("0.weight").isnan(), model[0].weight.isnan())
+    # the skipped layer keeps its weight and bias exactly (the NaN or inf where it was), in a copy
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(gm.get_parameter(f"0.{name}"), before[f"0.{name}"], rtol=0, atol=0,
+                                   equal_nan=True)
+    assert gm.get_parameter("0.weight").data_ptr() != model[0].weight.data_ptr()
+    _assert_untouched(model, before, modules_before)
 
 
 def test_uninitialized_lazy_module():
