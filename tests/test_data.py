@@ -194,7 +194,14 @@ def test_cifar_augmentation_on_train_only_and_damaged_batches(tmp_path, no_md5):
     torch.manual_seed(0)
     crops = [bundle.train[0][0] for _ in range(8)]  # random crop with padding 4, flips
     assert any(not torch.equal(crops[0], crop) for crop in crops[1:])
-    assert torch.equal(bundle.val[0][0], bundle.val[0][0]) and torch.equal(bundle.test[0][0], bundle.test[0][0])
+    mean, std = (torch.tensor(v)[:, None, None] for v in ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+
+    def unaugmented(raw):  # a stored uint8 HWC image, only converted and normalized: no crop, no flip
+        return (torch.from_numpy(raw).permute(2, 0, 1).float() / 255 - mean) / std
+
+    for _ in range(8):  # validation and test images are the stored ones at every access (fp32 roundoff)
+        assert torch.allclose(bundle.val[0][0], unaugmented(bundle.val.dataset.data[bundle.val.indices[0]]), atol=1e-6)
+        assert torch.allclose(bundle.test[0][0], unaugmented(bundle.test.data[0]), atol=1e-6)
     (folder / "test_batch").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match=rf"CIFAR-10 in {folder} is damaged: UnpicklingError"):
         load_dataset("cifar10", data_dir=str(tmp_path))
@@ -221,3 +228,41 @@ def test_imagefolder_layout_errors_and_loading(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "val" / "bird" / "0.png")
     with pytest.raises(DataError, match="classes differ"):
         load_dataset("imagefolder", data_dir=str(tmp_path))
+
+
+def test_mnist1d_is_the_published_split_generated_offline():
+    import mnist1d.data
+    import random
+
+    random.seed(5)
+    np.random.seed(5)
+    before = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    bundle = load_dataset("mnist1d")
+    assert (random.random(), np.random.rand()) == before  # the generator's seeding does not leak into the caller's
+    assert (len(bundle.train), len(bundle.test), bundle.val) == (4000, 1000, None)
+    assert (bundle.num_classes, bundle.input_shape, bundle.name) == (10, (1, 40), "mnist1d")
+    published = mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())
+    assert np.array_equal(bundle.train.images[:, 0].numpy(), published["x"].astype(np.float32))
+    assert np.array_equal(bundle.test.images[:, 0].numpy(), published["x_test"].astype(np.float32))
+    assert _labels(bundle.test) == published["y_test"].tolist()
+    signal, label = bundle.train[0]
+    assert signal.shape == (1, 40) and signal.dtype == torch.float32 and label == int(published["y"][0])
+
+
+def test_mnist1d_validation_split_and_options():
+    plain = load_dataset("mnist1d")
+    bundle = load_dataset("mnist1d", val_fraction=0.2, split_seed=1)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (3200, 800, 1000)
+    train, val = _fingerprints(bundle.train), _fingerprints(bundle.val)
+    assert not train & val and train | val == _fingerprints(plain.train)
+    assert _fingerprints(load_dataset("mnist1d", val_fraction=0.2, split_seed=2).val) != val
+    counts = np.bincount(_labels(bundle.val), minlength=10)
+    assert np.all(np.abs(counts - 0.2 * np.bincount(_labels(plain.train), minlength=10)) <= 1)  # stratified
+    assert bundle.train.augment is None and torch.equal(bundle.test.images, plain.test.images)
+    rgb = load_dataset("mnist1d", channels=3)
+    assert rgb.input_shape == (3, 40) and all(torch.equal(rgb.train.images[:, c], plain.train.images[:, 0])
+                                              for c in range(3))
+    with pytest.raises(DataError, match="image_size does not apply"):
+        load_dataset("mnist1d", image_size=32)

@@ -72,6 +72,22 @@ class Shallow(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
+def _hooked_outputs(model, names, x):
+    """Outputs of the named modules of ``model`` on ``x``, by forward hooks (in eval mode, no grad)."""
+    values = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda module, args, output, name=name: values.__setitem__(name, output)) for name in names]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    return values
+
+
 def test_distiller_pairs_by_name_and_reports_the_rest():
     teacher, student = Teacher(8), Shallow(3)
     with pytest.warns(UserWarning, match=r"only in the teacher \['extra'\]"):
@@ -80,8 +96,11 @@ def test_distiller_pairs_by_name_and_reports_the_rest():
     x = torch.randn(4, 3, 5, 5)
     logits, student_taps = kd.student(x)
     loss = kd.loss(student_taps, kd.teacher_taps(x))
-    expected = sum(similarity_loss(student_taps[n], kd.teacher_taps(x)[n]) for n in ["conv", "fc"]) / 2
-    assert loss.item() == pytest.approx(expected.item())
+    # the teacher's features taken independently, by forward hooks on the caller's teacher
+    hooked = _hooked_outputs(teacher, ["conv", "fc"], x)
+    expected = sum(_reference_sp(student_taps[n].detach(), hooked[n]) for n in ["conv", "fc"]) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(student_taps["fc"], logits)  # the student's last tap is its output
     loss.backward()
     assert all(p.grad is None for p in kd.teacher.parameters())
     assert all(not p.requires_grad for p in kd.teacher.parameters())
@@ -94,11 +113,15 @@ def test_default_taps_are_the_students_linear_layers():
         warnings.simplefilter("error")
         kd = distiller(Teacher(8), fxlop.expand(Teacher(3)))
     assert kd.names == ["conv", "extra", "fc"]
-    kd_mean = distiller(Teacher(8), Teacher(3))  # the mean over taps is the default
+    teacher = Teacher(8)
+    kd_mean = distiller(teacher, Teacher(3))  # the mean over taps is the default
     x = torch.randn(4, 3, 5, 5)
     _, taps = kd_mean.student(x)
-    total = distiller(Teacher(8), Teacher(3), reduction="sum").loss(taps, kd_mean.teacher_taps(x))
-    assert kd_mean.loss(taps, kd_mean.teacher_taps(x)).item() == pytest.approx(total.item() / 3)
+    hooked = _hooked_outputs(teacher, ["conv", "extra", "fc"], x)
+    total = sum(_reference_sp(taps[n].detach(), hooked[n]) for n in ["conv", "extra", "fc"])
+    assert distiller(teacher, Teacher(3), reduction="sum").loss(taps, kd_mean.teacher_taps(x)).item() == \
+        pytest.approx(total, rel=1e-5)
+    assert kd_mean.loss(taps, kd_mean.teacher_taps(x)).item() == pytest.approx(total / 3, rel=1e-5)
 
 
 def test_globs_and_errors():

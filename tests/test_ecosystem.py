@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.verify import relative_error
+from passes import ExpandedLayer
 
 from conftest import FP32_RTOL
 
@@ -88,6 +89,8 @@ def test_timm_reparameterize_model_gives_the_fused_model():
     model = _model()
     expanded = _perturbed_expansion(model, trace=False)
     reparameterized = timm.utils.reparameterize_model(expanded)
+    # timm worked on a copy: the comparisons below are between two different models
+    assert sum(isinstance(m, ExpandedLayer) for m in expanded.modules()) == 3
     fused = fxlop.fuse(expanded)
     assert [type(m) for m in reparameterized.modules()] == [type(m) for m in model.modules()]
     assert reparameterized.state_dict().keys() == model.state_dict().keys()
