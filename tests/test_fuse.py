@@ -1,3 +1,4 @@
+import copy
 import io
 
 import pytest
@@ -219,3 +220,71 @@ def test_saved_expanded_model_loads_and_fuses(mode):
     again = fxlop.expand(model, mode=mode, seed=123)
     again.load_state_dict(gm.state_dict())
     fxlop.verify(gm, again, x, rtol=0)
+
+
+def _snapshot(gm):
+    """Everything of a GraphModule that fuse must not change, copied."""
+    return {
+        "code": gm.code,
+        "graph": [(n.name, n.op, str(n.target), str(n.args), str(n.kwargs), sorted(n.meta)) for n in gm.graph.nodes],
+        "modules": [(name, type(m), m.training) for name, m in gm.named_modules()],
+        "parameters": {name: (id(p), p.detach().clone(), p.requires_grad) for name, p in gm.named_parameters()},
+        "buffers": {name: (id(b), b.clone()) for name, b in gm.named_buffers()},
+        "meta": copy.deepcopy(gm.meta),
+    }
+
+
+def _assert_same_snapshot(after, before):
+    assert after["code"] == before["code"]
+    assert after["graph"] == before["graph"]
+    assert after["modules"] == before["modules"]
+    assert after["meta"] == before["meta"]
+    for kind in ("parameters", "buffers"):
+        assert after[kind].keys() == before[kind].keys()
+        for name, (identity, value, *flags) in after[kind].items():
+            old_identity, old_value, *old_flags = before[kind][name]
+            assert identity == old_identity and flags == old_flags, name
+            torch.testing.assert_close(value, old_value, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("fold_bn", [False, True])
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_fuse_leaves_its_input_untouched(mode, fold_bn):
+    model = Net()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+    gm = fxlop.expand(model.eval(), mode=mode)
+    _perturb(gm)
+    gm.train()  # a model fresh from fine-tuning
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        output = gm.eval()(x)["logits"]
+    gm.train()
+    before = _snapshot(gm)
+    fused = fxlop.fuse(gm, fold_bn=fold_bn)
+    _assert_same_snapshot(_snapshot(gm), before)
+    # nothing of the result is shared with the input: changing the fused model leaves gm as it was
+    with torch.no_grad():
+        for tensor in list(fused.parameters()) + list(fused.buffers()):
+            if tensor.is_floating_point():
+                tensor.add_(1.0)
+    _assert_same_snapshot(_snapshot(gm), before)
+    with torch.no_grad():
+        assert torch.equal(gm.eval()(x)["logits"], output)
+
+
+def test_fuse_of_an_eagerly_expanded_model_leaves_it_untouched():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    expanded = fxlop.expand(model, trace=False)
+    _perturb(expanded)
+    modules = [(name, type(m), m.training) for name, m in expanded.named_modules()]
+    state = copy.deepcopy(expanded.state_dict())
+    fused = fxlop.fuse(expanded)
+    with torch.no_grad():
+        for tensor in fused.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(1.0)
+    assert [(name, type(m), m.training) for name, m in expanded.named_modules()] == modules
+    assert expanded.state_dict().keys() == state.keys()
+    for key, value in expanded.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
