@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import copy
-import math
+import time
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
 import passes
 from passes import linalg
-from passes.expand import check_budget, check_options
+from passes.expand import (MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, check_budget, check_options, parameter_bytes, plan,
+                           progress)
 from passes.expanded import ExpandedLayer, module_problem, new_expanded_layer, parameter_count
 from passes.graph import set_attr
 from passes.ops import MODULE_FUNCTIONS, call_of_module
@@ -19,14 +19,26 @@ from passes.select import Patterns, selector
 
 def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", include: Patterns = None,
            exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
-           leaf_modules: Patterns = None, max_params: int | None = None, trace: bool = True) -> nn.Module:
+           leaf_modules: Patterns = None, max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
+           max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS,
+           trace: bool = True) -> nn.Module:
     """Linearly over-parameterize every conv/linear of ``model``; its outputs do not change.
 
     ``model`` is an ``nn.Module`` (traced with ``torch.fx`` symbolic tracing) or a GraphModule; it
     is never modified.  Each ``nn.Conv1d/2d/3d``/``nn.Linear`` (and each ``F.conv*``/``F.linear``
     whose weight is a parameter) becomes a chain ``1x1 -> k x k -> 1x1`` (or three linears) whose
     product is the original weight: orthonormal outer factors, the middle one solved exactly in
-    float64.  Modules called at several places stay shared.
+    float64.  Modules called at several places stay shared.  The factors are created on the device
+    and in the dtype of each weight.
+
+    Bounded time and memory: before anything is allocated, each layer's parameters, bytes (float64
+    temporaries included) and seconds (at speeds measured once on the model's device) are estimated.
+    Wide layers: a layer whose factors would hold more than ``max_layer_params`` parameters is expanded
+    at the largest lower expansion that fits (steps of 1/4; ``report(gm)["expand"]["reduced"]``) or,
+    if even expansion 1 does not fit, left dense (``["skipped"]``), with a warning.  Then the whole
+    expansion is refused with :class:`ExpansionError` if it is over ``max_params``, ``max_bytes`` or
+    ``max_seconds``; the message names the largest layer, the estimates and options that fit.  Pass
+    ``None`` to lift a limit.
 
     Args:
         model: the (pruned) model.
@@ -38,7 +50,12 @@ def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", incl
         seed: seed of the random orthonormal factors.
         init: ``"orthogonal"`` or ``"balanced"`` (all factors at the same spectral norm).
         leaf_modules: globs or types of modules not to trace into (for data-dependent control flow).
-        max_params: refuse an expansion that would give more parameters than this.
+        max_params: refuse an expansion that would give more parameters than this (default: no limit).
+        max_bytes: refuse an expansion estimated to add more memory than this (default 4 GiB): the
+            factors, a copy of the parameters, the largest layer's float64 temporaries.
+        max_seconds: refuse an expansion estimated to take longer than this (default 60), expand and
+            the fuse it will need, on the model's device.
+        max_layer_params: the wide-layer limit above (default ``2**26``, 256 MiB of fp32 factors).
         trace: ``False`` keeps ``model`` an ordinary module (no tracing, so control flow is fine):
             a copy whose conv/linear modules are replaced by :class:`passes.ExpandedLayer` modules
             that run the chain themselves; ``timm.utils.reparameterize_model`` or :func:`fuse`
@@ -50,16 +67,20 @@ def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", incl
 
     Raises:
         TraceError: the model cannot be traced (names the module and how to make it a leaf).
-        ExpansionError: invalid options, or the ``max_params`` guard.
+        ExpansionError: invalid options, or an expansion over a limit.
     """
     if not isinstance(model, nn.Module):
         raise passes.FxlopError(f"expand takes an nn.Module or a GraphModule, got {type(model).__name__}")
+    limits = dict(max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
+                  max_layer_params=max_layer_params)
+    check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
+                  max_layer_params=max_layer_params)
     if not trace:
         return _expand_modules(model, expansion=expansion, mode=mode, include=include, exclude=exclude, depth=depth,
-                               seed=seed, init=init, max_params=max_params)
+                               seed=seed, init=init, **limits)
     gm = model if isinstance(model, fx.GraphModule) else passes.trace(model, leaf_modules=leaf_modules)
     return passes.expand(gm, expansion=expansion, mode=mode, depth=depth, include=include,
-                         exclude=exclude, seed=seed, init=init, max_params=max_params)
+                         exclude=exclude, seed=seed, init=init, **limits)
 
 
 def report(model: nn.Module) -> dict:
@@ -69,15 +90,14 @@ def report(model: nn.Module) -> dict:
     return getattr(model, "fxlop_report", {})
 
 
-def _expand_modules(model, *, expansion, mode, include, exclude, depth, seed, init, max_params) -> nn.Module:
+def _expand_modules(model, *, expansion, mode, include, exclude, depth, seed, init, **limits) -> nn.Module:
     """Module-swap expansion: every expandable conv/linear module of a copy of ``model`` becomes an
-    ExpandedLayer (shared modules stay shared: each name that refers to one gets the same layer)."""
-    check_options(expansion, mode, depth, max_params, init)
-    model = copy.deepcopy(model)
-    names: dict[nn.Module, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) in MODULE_FUNCTIONS:
-            names.setdefault(module, []).append(name)
+    ExpandedLayer (shared modules stay shared: each name that refers to one gets the same layer).
+    Planned and checked against the limits like the traced pass, before the copy is made."""
+    check_options(expansion, mode, depth, limits["max_params"], init, max_bytes=limits["max_bytes"],
+                  max_seconds=limits["max_seconds"], max_layer_params=limits["max_layer_params"])
+    began = time.perf_counter()
+    names = _module_names(model)
     is_included, is_excluded = selector(include), selector(exclude)
     weight_names = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -92,29 +112,46 @@ def _expand_modules(model, *, expansion, mode, include, exclude, depth, seed, in
         elif is_excluded is not None and is_excluded(name, type(module)):
             reason = "matched by exclude"
         if reason is None:
-            chosen.append(module)
+            chosen.append(name)
         else:
             skipped.append({"name": name, "reason": reason})
-    plans = {m: linalg.chain_shapes(m.weight.shape, call_of_module(m).groups, expansion, depth) for m in chosen}
+    modules = {module_names[0]: module for module, module_names in names.items()}
+    planned, reduced, dense = plan([(n, modules[n].weight, call_of_module(modules[n]).groups) for n in chosen],
+                                   expansion=expansion, depth=depth, max_layer_params=limits["max_layer_params"])
+    skipped += [{"name": n, "reason": r} for n, r in dense.items()]
     before = parameter_count(model)
-    counts = {names[m][0]: sum(math.prod(s) for s in plans[m][0]) for m in chosen}
-    check_budget(max_params, before, before + sum(counts[names[m][0]] - m.weight.numel() for m in chosen), counts)
-    generator = torch.Generator().manual_seed(seed)
+    estimate = check_budget(planned, params_before=before, copy_bytes=parameter_bytes(model), expansion=expansion,
+                            depth=depth, **limits)
+
+    model = copy.deepcopy(model)
+    names = {module_names[0]: module_names for module_names in _module_names(model).values()}
     expanded = []
-    for module in chosen:
-        shapes, kernel_index = plans[module]
-        layer = new_expanded_layer(module.weight, call_of_module(module).groups, shapes, kernel_index, generator,
+    for item in progress(planned, "expand", [p.seconds[0] for p in planned], [p.name for p in planned]):
+        module = model.get_submodule(item.name)
+        layer = new_expanded_layer(module.weight, item.groups, item.shapes, item.kernel_index,
+                                   linalg.generator(seed, module.weight.device, item.name),
                                    balanced=init == "balanced", module=module, mode=mode)
-        for name in names[module]:
+        for name in names[item.name]:
             set_attr(model, name, layer)
-        expanded.append({"name": names[module][0], "type": type(module).__name__, "origin": "module",
-                         "call_sites": None, "weight_shape": list(module.weight.shape),
-                         "factor_shapes": [list(s) for s in shapes], "params_before": module.weight.numel(),
+        expanded.append({"name": item.name, "type": type(module).__name__, "origin": "module",
+                         "call_sites": None, "weight_shape": list(module.weight.shape), "expansion": item.expansion,
+                         "factor_shapes": [list(s) for s in item.shapes], "params_before": module.weight.numel(),
                          "params_after": sum(f.numel() for f in layer.factors)})
     model.fxlop_report = {"expand": {"expansion": expansion, "mode": mode, "depth": depth, "seed": seed,
-                                     "init": init, "traced": False, "expanded": expanded, "skipped": skipped,
-                                     "params_before": before, "params_after": parameter_count(model)}}
+                                     "init": init, "traced": False, "expanded": expanded, "reduced": reduced,
+                                     "skipped": skipped, "params_before": before,
+                                     "params_after": parameter_count(model), "limits": limits,
+                                     "estimate": estimate, "seconds": time.perf_counter() - began}}
     return model
+
+
+def _module_names(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Every expandable conv/linear module of ``model`` with all the names it goes by, in order."""
+    names: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if type(module) in MODULE_FUNCTIONS:
+            names.setdefault(module, []).append(name)
+    return names
 
 
 def fuse(gm: nn.Module, *, fold_bn: bool = False, example_inputs=None) -> nn.Module:

@@ -209,13 +209,13 @@ def module_problem(module: nn.Module) -> str | None:
     return weight_problem(module.weight)
 
 
-def new_expanded_layer(weight: Tensor, groups: int, shapes, kernel_index: int, generator: torch.Generator, *,
+def new_expanded_layer(weight: Tensor, groups: int, shapes, kernel_index: int, generator: torch.Generator | None, *,
                        balanced: bool = False, module: nn.Module | None = None, mode: str = "online",
                        in_graph: bool = False) -> ExpandedLayer:
-    """Factorize ``weight`` (float64, exact) into an ExpandedLayer; ``module`` when it was a module's."""
-    if weight.device.type == "meta":
-        factors = [torch.empty(s, dtype=weight.dtype, device="meta") for s in shapes]
-    else:
+    """Factorize ``weight`` exactly into an ExpandedLayer on its device and in its dtype (see
+    :func:`passes.linalg.factorize`; ``generator`` lives on that device, None on meta); ``module`` when
+    it was a module's."""
+    with torch.no_grad():
         factors = linalg.factorize(weight, groups, shapes, kernel_index, generator, balanced)
     factors = [nn.Parameter(f, requires_grad=weight.requires_grad) for f in factors]
     if module is None:

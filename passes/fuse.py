@@ -7,7 +7,9 @@ import dataclasses
 import networkx as nx
 import torch.fx as fx
 
+from . import linalg
 from .errors import FusionError
+from .expand import progress
 from .expanded import COMPOSED, ExpandedLayer, chain_plan, layer_nodes, parameter_count, site_ends
 from .graph import dataflow, inserting_before_with_meta, set_attr
 from .ops import Call, bind, call_of_node, emit, match_pad
@@ -41,7 +43,7 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     layers = {name: m for name, m in gm.named_modules() if isinstance(m, ExpandedLayer)}
     flow = dataflow(graph)
     fused = []
-    for name, layer in layers.items():
+    for name, layer in fuse_progress(layers):
         own = layer_nodes(graph, name)
         sites = [_match_site(end, name, layer) for end in site_ends(own, name, layer)]
         _check_boundary(flow, name, own, sites)
@@ -63,6 +65,17 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     gm.recompile()
     gm.meta.setdefault("fxlop", {})["fuse"] = {"fused": fused, "params": parameter_count(gm)}
     return gm
+
+
+def fuse_progress(layers: dict[str, ExpandedLayer]):
+    """``layers.items()`` with a progress bar weighted by each layer's estimated seconds (multiply-adds
+    of composing it, at the speed of its device); shown on a terminal when fusing takes over two seconds."""
+    costs = {name: linalg.compose_cost([f.shape for f in layer.factors], layer.groups, layer.kernel_index)
+             for name, layer in layers.items()}
+    work = sum(costs.values())
+    seconds = [costs[name] / linalg.rates_for(layer.factors[0].device, layer.factors[0].dtype, work).combine
+               for name, layer in layers.items()]
+    return progress(list(layers.items()), "fuse", seconds, list(layers))
 
 
 def _match_site(end: fx.Node, name: str, layer: ExpandedLayer) -> _Site:

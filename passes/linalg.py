@@ -6,10 +6,18 @@ factor weights, applied first to last, in which only the factor at ``kernel_inde
 spatial kernel; every other factor is a 1x1 (or linear) map.  The chain's end-to-end weight is,
 per group and per tap, ``post @ kernel[tap] @ pre`` with ``pre``/``post`` the products of the 1x1
 factors before/after the kernel.
+
+Everything runs on the weight's device: random factors are drawn there with a generator that lives
+there (:func:`generator`), and weights are combined in :func:`compute_dtype` (float64 where the
+device has it).  :func:`factorize_cost` and :func:`rates` estimate the work before any of it is done.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+import time
+import zlib
 from collections.abc import Sequence
 
 import torch
@@ -63,64 +71,132 @@ def chain_shapes(weight_shape: Sequence[int], groups: int, expansion: float,
     return shapes, n_pre
 
 
-def orthonormal(rows: int, cols: int, generator: torch.Generator | None = None, batch: int = 1) -> Tensor:
-    """``batch`` float64 ``rows x cols`` matrices with orthonormal columns (rows >= cols) or rows.
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype in which weights are combined on ``device``: float64, or float32 on Apple's MPS, which
+    has no float64.  There a chain's end-to-end weight matches to float32 roundoff of the combination
+    (about ``1e-6`` relative for layers a few thousand wide) instead of ``1e-7``."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
-    Drawn from the Haar measure: QR of Gaussian matrices with the signs of R's diagonal folded in.
-    Returns shape ``(batch, rows, cols)``.
+
+def draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which the random outer factors are drawn for a weight of ``dtype``: float64 for
+    float64 weights, float32 otherwise (8x cheaper to draw than float64 on a CPU, and exactness does not
+    depend on it: the kernel factor is solved from the factors as they are stored)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def generator(seed: int, device: torch.device | str, key: str = "") -> torch.Generator | None:
+    """A ``torch.Generator`` on ``device`` seeded from ``seed`` and ``key`` (a layer's qualified name).
+
+    Seeding per layer makes a layer's factors depend only on the seed, its name, its shapes and the
+    device, not on which other layers are expanded.  The same seed gives the same factors on the same
+    device type (CPU and CUDA generators differ, so a CUDA expansion is reproducible on CUDA, not equal
+    to the CPU one).  ``None`` on the meta device, where nothing is drawn.
     """
-    gaussian = torch.randn(batch, max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
-    q = q * torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
+    device = torch.device(device)
+    if device.type == "meta":
+        return None
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+
+
+def orthonormal(rows: int, cols: int, generator: torch.Generator | None = None, batch: int = 1, *,
+                dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+    """``batch`` ``rows x cols`` matrices with orthonormal columns (rows >= cols) or rows.
+
+    Drawn from the Haar measure, on ``device`` (default: the generator's, else torch's default device)
+    in ``dtype``: the Q of the QR decomposition of Gaussian matrices whose R has a positive diagonal.
+    ``generator`` must live on ``device``.  Returns shape ``(batch, rows, cols)``.
+
+    Matrices at least twice as tall as wide (and 64 wide) take Cholesky QR, ``Q = G R^-1`` with
+    ``R^T R = G^T G``: the same Q, from matrix products, about twice as fast on a CPU as Householder
+    QR.  It is orthonormal to ``cond(G)^2`` units of roundoff, and such a Gaussian is well conditioned
+    (``cond(G) <~ (sqrt(m) + sqrt(n)) / (sqrt(m) - sqrt(n)) <= 6``); others take Householder QR.
+    """
+    if device is None and generator is not None:
+        device = generator.device
+    tall, wide = max(rows, cols), min(rows, cols)
+    gaussian = torch.randn(batch, tall, wide, generator=generator, dtype=dtype, device=device)
+    q = None
+    if tall >= 2 * wide and wide >= 64:
+        factor, info = torch.linalg.cholesky_ex(gaussian.mT @ gaussian)
+        if gaussian.device.type == "meta" or not info.any():
+            q = torch.linalg.solve_triangular(factor.mT, gaussian, upper=True, left=False)
+    if q is None:
+        q, r = torch.linalg.qr(gaussian)
+        q = q * torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).unsqueeze(-2)
     return q if rows >= cols else q.transpose(-2, -1)
 
 
 def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kernel_index: int,
               generator: torch.Generator | None = None, balanced: bool = False) -> list[Tensor]:
-    """Factors of the given shapes whose chain product equals ``weight``.
+    """Factors of the given shapes whose chain product equals ``weight``, on its device and in its dtype.
 
-    The 1x1 factors are orthonormal (columns before the kernel, rows after it), so their products
-    ``P`` and ``Q`` satisfy ``P^T P = I`` and ``Q Q^T = I``; the kernel factor is ``Q^T W P^T`` per tap,
-    and ``Q (Q^T W P^T) P = W``.  Every factor is dense and random, so every one of them receives
-    gradient (zero-padded identities would leave most entries dead).  Computed in float64 and
-    returned in the weight's dtype and device.
+    The 1x1 factors are random orthonormal (columns before the kernel, rows after it; drawn in
+    :func:`draw_dtype` on the weight's device with ``generator``, which must live there) and are cast to
+    the weight's dtype: those are the factors the model holds.  With ``P``, ``Q`` the products of the
+    held factors before and after the kernel, the kernel factor is, per tap,
+    ``Q^+ W P^+ = Q^T (Q Q^T)^-1 W (P^T P)^-1 P^T``, computed in :func:`compute_dtype` (float64), so that
+    ``Q K P = W`` holds to that precision whatever roundoff the cast left in the outer factors
+    (``Q^+ = Q^T`` for exactly orthonormal ones); ``K`` is then rounded once to the weight's dtype.
+    Every factor is dense and random, so every one of them receives gradient (zero-padded identities
+    would leave most entries dead).  On the meta device the same computation yields meta factors.
 
-    ``balanced``: rescale so that every factor has the spectral norm ``s^(1/d)`` of a ``d``-factor
-    chain, ``s`` the spectral norm of ``W`` (as ``O x I*T`` per group), instead of 1 for the outer
-    factors and ``s`` for the kernel (the scale balance of Arora et al. 2018); the product is unchanged.
+    ``balanced``: scale the outer factors to the spectral norm ``s^(1/d)`` of a ``d``-factor chain,
+    ``s`` the spectral norm of ``W`` (as ``O x I*T`` per group), so that every factor has it, instead
+    of 1 for the outer factors and ``s`` for the kernel (the scale balance of Arora et al. 2018).
     """
-    blocks = grouped(weight.detach().to(torch.float64), groups)
-    pre_factors, post_factors = [], []
-    for index, shape in enumerate(shapes):
-        if index == kernel_index:
-            continue
-        rows, cols = shape[0] // groups, shape[1]
-        (pre_factors if index < kernel_index else post_factors).append(orthonormal(rows, cols, generator, groups))
-
-    # Q^T W P^T is itself a chain (P^T, then W, then Q^T): compose it like any other
-    ones = (1,) * (weight.dim() - 2)
-    pre = _chain_product(pre_factors)
-    post = _chain_product(post_factors)
-    chain = [ungrouped(m.transpose(1, 2).unsqueeze(-1), ones) for m in (pre,) if m is not None]
-    chain.append(ungrouped(blocks, weight.shape[2:]))
-    chain += [ungrouped(m.transpose(1, 2).unsqueeze(-1), ones) for m in (post,) if m is not None]
-    kernel = compose(chain, groups, int(pre is not None))
-    outer_scale = 1.0
-    if balanced:
+    device, dtype = weight.device, weight.dtype
+    if generator is not None and (generator.device.type, generator.device.index or 0) != (device.type, device.index or 0):
+        raise ValueError(f"factorize was given a generator on {generator.device} for a weight on {device}: the "
+                         f"factors are drawn where the weight lives (see passes.linalg.generator)")
+    precise = compute_dtype(device)
+    blocks = grouped(weight.detach().to(precise), groups)  # (g, O, I, T)
+    scale = 1.0
+    if balanced and device.type != "meta":
         norm = torch.linalg.matrix_norm(blocks.reshape(groups, blocks.shape[1], -1), ord=2).max().item()
         if norm > 0:
-            outer_scale = norm ** (1 / len(shapes))
-            kernel = kernel / outer_scale ** (len(shapes) - 1)
+            scale = norm ** (1 / len(shapes))
+    held = {}  # index -> the outer factor as the model will hold it, (g, rows, cols)
+    with _ieee_float32():
+        for index, shape in enumerate(shapes):
+            if index != kernel_index:
+                drawn = orthonormal(shape[0] // groups, shape[1], generator, groups, dtype=draw_dtype(dtype),
+                                    device=device)
+                held[index] = (drawn * scale if scale != 1.0 else drawn).to(dtype)
+    pre = _chain_product([held[i].to(precise) for i in range(kernel_index)])  # (g, E1, I)
+    post = _chain_product([held[i].to(precise) for i in range(kernel_index + 1, len(shapes))])  # (g, O, E2)
 
-    factors = []
-    it_pre, it_post = iter(pre_factors), iter(post_factors)
-    for index, shape in enumerate(shapes):
-        if index == kernel_index:
-            factor = kernel
-        else:
-            factor = outer_scale * ungrouped(next(it_pre if index < kernel_index else it_post).unsqueeze(-1), shape[2:])
-        factors.append(factor.to(dtype=weight.dtype, device=weight.device).contiguous())
-    return factors
+    # W' = (Q Q^T)^-1 W (P^T P)^-1 per tap; then the kernel Q^T W' P^T is itself a chain (P^T, then W',
+    # then Q^T): compose it like any other
+    g, o, i, taps = blocks.shape
+    if pre is not None:  # the Gram matrix is symmetric positive definite, and W M^-1 = (M^-1 W^T)^T
+        blocks = _solve_gram(pre.mT @ pre, blocks.permute(0, 2, 1, 3).reshape(g, i, o * taps), dtype)
+        blocks = blocks.reshape(g, i, o, taps).permute(0, 2, 1, 3)
+    if post is not None:
+        blocks = _solve_gram(post @ post.mT, blocks.reshape(g, o, i * taps), dtype).reshape(g, o, i, taps)
+    ones = (1,) * (weight.dim() - 2)
+    chain = [ungrouped(pre.mT.unsqueeze(-1), ones)] if pre is not None else []
+    chain.append(ungrouped(blocks.contiguous(), weight.shape[2:]))
+    if post is not None:
+        chain.append(ungrouped(post.mT.unsqueeze(-1), ones))
+    kernel = compose(chain, groups, int(pre is not None)).to(dtype)
+    return [(kernel if index == kernel_index else ungrouped(held[index].unsqueeze(-1), shape[2:])).contiguous()
+            for index, shape in enumerate(shapes)]
+
+
+def _solve_gram(gram: Tensor, rhs: Tensor, dtype: torch.dtype) -> Tensor:
+    """``gram^-1 rhs`` for the Gram matrix of factors held in ``dtype`` that are orthonormal up to a scale
+    and that dtype's roundoff: ``gram = c (I + E)`` with ``||E||`` about 1e-6 (float32), 6e-4 (float16),
+    5e-3 (bfloat16), so the Neumann series ``(I + E)^-1 = I - E + E^2 - ...`` converges at once.  One
+    term leaves ``||E||^2`` (1e-12 in float32), two ``||E||^3`` for bfloat16: far below the roundoff of
+    the kernel in that dtype.  Matrix products only (no factorization), and no value leaves the device."""
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+    deviation = gram / scale - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    result = term = rhs
+    for _ in range(2 if torch.finfo(dtype).eps > 1e-3 else 1):
+        term = -(deviation @ term)
+        result = result + term
+    return result / scale
 
 
 def _chain_product(matrices: Sequence[Tensor]) -> Tensor | None:
@@ -129,6 +205,166 @@ def _chain_product(matrices: Sequence[Tensor]) -> Tensor | None:
     for matrix in matrices:
         product = matrix if product is None else matrix @ product
     return product
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """What factorizing one layer, and later fusing it back, takes; counted from shapes alone."""
+    params: int  #: entries of the factors
+    drawn: int  #: Gaussian entries drawn for the outer factors
+    draw_macs: int  #: multiply-adds that orthonormalize them, in :func:`draw_dtype` (Householder QR counts double)
+    combine: int  #: multiply-adds in :func:`compute_dtype` of the rest of :func:`factorize`
+    fuse: int  #: multiply-adds in :func:`compute_dtype` of composing the factors back (:func:`compose_exact`)
+    temporary: int  #: bytes of the largest temporaries of either, on the weight's device
+
+
+def _kernel_contraction(out: int, rows: int, cols: int, inp: int, taps: int, post: bool, pre: bool) -> tuple[int, int]:
+    """Multiply-adds and intermediate entries of ``post (out x rows) @ kernel (rows x cols x taps) @ pre
+    (cols x inp)`` in the cheaper order (see :func:`contraction_order`); either side may be absent."""
+    if not pre:
+        return (out * rows * taps * cols if post else 0), 0
+    if not post:
+        return rows * taps * cols * inp, 0
+    post_first = (out * rows * taps * cols + out * taps * cols * inp, out * taps * cols)
+    pre_first = (rows * taps * cols * inp + out * rows * taps * inp, rows * taps * inp)
+    return min(post_first, pre_first)
+
+
+def _product_macs(dims: Sequence[tuple[int, int]]) -> int:
+    """Multiply-adds of the product of matrices of ``(rows, cols)`` applied first to last."""
+    return sum(rows * cols * dims[0][1] for rows, cols in dims[1:])
+
+
+def _orthonormal_macs(rows: int, cols: int) -> int:
+    """GEMM-equivalent multiply-adds of :func:`orthonormal`: Cholesky QR's Gram matrix, factor and
+    triangular solve, or Householder QR and forming Q, counted double (it runs at about half the speed)."""
+    tall, wide = max(rows, cols), min(rows, cols)
+    if tall >= 2 * wide and wide >= 64:
+        return tall * wide * wide + wide ** 3 // 3 + tall * wide * wide // 2
+    return 2 * 2 * (tall * wide * wide - wide ** 3 // 3)
+
+
+def _compose_macs(dims: Sequence[tuple[int, int]], kernel_index: int, taps: int) -> tuple[int, int]:
+    """Multiply-adds and largest intermediate of :func:`compose` for per-group factor sizes ``dims``: the
+    products of the 1x1 factors, then post (O x E2) @ kernel (E2 x E1 x T) @ pre (E1 x I)."""
+    pre, post = dims[:kernel_index], dims[kernel_index + 1:]
+    rows, cols = dims[kernel_index]
+    macs, middle = _kernel_contraction(post[-1][0] if post else rows, rows, cols, pre[0][1] if pre else cols, taps,
+                                       bool(post), bool(pre))
+    return macs + _product_macs(pre) + _product_macs(post), middle
+
+
+def compose_cost(shapes: Sequence[Sequence[int]], groups: int, kernel_index: int) -> int:
+    """Multiply-adds of :func:`compose` (and :func:`compose_exact`) for factors of these shapes."""
+    dims = [(s[0] // groups, s[1]) for s in shapes]
+    return groups * _compose_macs(dims, kernel_index, math.prod(shapes[kernel_index][2:]))[0]
+
+
+def factorize_cost(weight_shape: Sequence[int], groups: int, shapes: Sequence[Sequence[int]], kernel_index: int,
+                   dtype: torch.dtype, device: torch.device | str) -> Cost:
+    """The :class:`Cost` of :func:`factorize` and of fusing the result, before anything is allocated."""
+    o, i, taps = weight_shape[0] // groups, weight_shape[1], math.prod(weight_shape[2:])
+    dims = [(s[0] // groups, s[1]) for s in shapes]
+    pre, post = dims[:kernel_index], dims[kernel_index + 1:]
+    e1 = pre[-1][0] if pre else i
+    e2 = dims[kernel_index][0]
+    outer = [d for j, d in enumerate(dims) if j != kernel_index]
+    drawn = sum(r * c for r, c in outer)
+    # held factors multiplied out, their Gram matrices, the Neumann terms, then the kernel Q^T W' P^T
+    combine = _product_macs(pre) + _product_macs(post)
+    terms = 2 if torch.finfo(dtype).eps > 1e-3 else 1  # as in _solve_gram
+    if pre:
+        combine += e1 * i * i + terms * i * i * o * taps
+    if post:
+        combine += o * o * e2 + terms * o * o * i * taps
+    macs, middle = _kernel_contraction(e2, o, i, e1, taps, bool(post), bool(pre))
+    combine += macs
+    fuse, fuse_middle = _compose_macs(dims, kernel_index, taps)
+    precise = compute_dtype(device).itemsize
+    params = sum(math.prod(s) for s in shapes) // groups  # per group, like the rest
+    factorize_bytes = (2 * draw_dtype(dtype).itemsize * max((r * c for r, c in outer), default=0)
+                       + precise * (drawn + 2 * o * i * taps + i * i + o * o + middle + e2 * e1 * taps)
+                       + dtype.itemsize * e2 * e1 * taps)
+    fuse_bytes = precise * (params + fuse_middle + o * i * taps)
+    return Cost(params=groups * params, drawn=groups * drawn,
+                draw_macs=groups * sum(_orthonormal_macs(r, c) for r, c in outer),
+                combine=groups * combine, fuse=groups * fuse, temporary=groups * max(factorize_bytes, fuse_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """Speeds of one device, measured by :func:`rates`: Gaussian entries drawn per second, and matrix
+    product multiply-adds per second in the draw dtype and in the compute dtype."""
+    draw: float
+    draw_macs: float
+    combine: float
+    #: seconds per layer besides the arithmetic (graph rewrite, copies, Python)
+    overhead: float = 2e-3
+
+    def seconds(self, cost: Cost) -> tuple[float, float]:
+        """Estimated seconds to factorize a layer of this cost, and to fuse it back."""
+        return (cost.drawn / self.draw + cost.draw_macs / self.draw_macs + cost.combine / self.combine
+                + self.overhead, cost.fuse / self.combine + self.overhead)
+
+
+def rates_for(device: torch.device | str, dtype: torch.dtype, work: float) -> Rates:
+    """:func:`rates`, or :data:`NOMINAL_RATES` when ``work`` multiply-adds are too few (under 2e9, a
+    fraction of a second) to be worth measuring the device."""
+    return rates(device, dtype) if work >= 2e9 or torch.device(device).type == "meta" else NOMINAL_RATES
+
+
+#: what :func:`rates` assumes without measuring: a slow CPU core (for work too small to be worth a measurement)
+NOMINAL_RATES = Rates(draw=5e7, draw_macs=5e9, combine=2.5e9)
+_RATES: dict[tuple, Rates] = {}
+
+
+def rates(device: torch.device | str, dtype: torch.dtype = torch.float32) -> Rates:
+    """The :class:`Rates` of ``device`` for weights of ``dtype``, measured once per process (and CPU
+    thread count) in a few hundredths of a second: Gaussian draws, and one matrix product in each dtype
+    (512 wide on a CPU, 2048 on an accelerator: below the speed of the largest layers, so estimates err
+    long).  The meta device computes nothing: only the overhead counts there."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return Rates(math.inf, math.inf, math.inf)
+    if device.index is None and device.type != "cpu":
+        device = torch.empty(0, device=device).device  # the current device's index
+    draw, precise = draw_dtype(dtype), compute_dtype(device)
+    key = (device, draw, precise, torch.get_num_threads() if device.type == "cpu" else 0)
+    if key not in _RATES:
+        module = getattr(torch, device.type, None)
+        sync = (lambda: module.synchronize(device)) if hasattr(module, "synchronize") else (lambda: None)
+
+        def best(fn) -> float:
+            times = []
+            for _ in range(3):  # the first call also pays for any lazy initialization
+                sync()
+                began = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - began)
+            return max(min(times), 1e-9)
+
+        with torch.no_grad(), _ieee_float32():
+            source = generator(0, device)
+            count, width = 2 ** 20, 512 if device.type == "cpu" else 2048
+            drawn = count / best(lambda: torch.randn(count, generator=source, dtype=draw, device=device))
+            square = torch.randn(width, width, generator=source, dtype=draw, device=device)
+            draw_macs = width ** 3 / best(lambda: square @ square)
+            square = square.to(precise)
+            combine = width ** 3 / best(lambda: square @ square)
+        _RATES[key] = Rates(drawn, draw_macs, combine)
+    return _RATES[key]
+
+
+@contextlib.contextmanager
+def _ieee_float32():
+    """float32 matrix products at full precision (no TF32), as orthonormal factors need."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def contraction_order(shapes: Sequence[Sequence[int]], groups: int, kernel_index: int) -> str:
@@ -177,8 +413,9 @@ def compose(factors: Sequence[Tensor], groups: int, kernel_index: int, order: st
 
 
 def compose_exact(factors: Sequence[Tensor], groups: int, kernel_index: int) -> Tensor:
-    """:func:`compose` in float64, cast back to the dtype and device of the factors; no autograd."""
+    """:func:`compose` in :func:`compute_dtype` (float64), cast back to the dtype and device of the
+    factors; no autograd."""
     with torch.no_grad():
         first = factors[0]
-        weight = compose([f.detach().to(torch.float64) for f in factors], groups, kernel_index)
+        weight = compose([f.detach().to(compute_dtype(first.device)) for f in factors], groups, kernel_index)
         return weight.to(dtype=first.dtype, device=first.device)
