@@ -1,13 +1,19 @@
-"""Datasets: scikit-learn's embedded digits by default; CIFAR-10/100 and ImageFolder from disk.
+"""Datasets: scikit-learn's embedded digits by default, MNIST-1D generated offline; CIFAR-10/100 and
+ImageFolder from disk.
 
-Every dataset yields ``(image, label)`` with ``image`` a float tensor ``(C, H, W)`` and ``label``
-an int. Nothing is downloaded unless the caller asks (``download=True``, CIFAR only).
+Every dataset yields ``(input, label)`` with ``input`` a float tensor ``(C, H, W)`` (images) or
+``(C, L)`` (MNIST-1D signals) and ``label`` an int. Nothing is downloaded unless the caller asks
+(``download=True``, CIFAR only).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import random
 from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +24,11 @@ from torchvision import transforms as T
 
 from .errors import FxlopError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "imagefolder")
+#: datasets whose inputs are 1-D signals ``(C, L)``; the others hold images ``(C, H, W)``
+SIGNAL_DATASETS = ("mnist1d",)
+#: published test accuracies on MNIST-1D (Greydanus 2020, the mnist1d README), for comparison
+MNIST1D_REFERENCE = {"logistic regression": 32.0, "MLP": 68.0, "CNN": 94.0}
 _TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 _CIFAR_MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
                    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
@@ -36,22 +46,22 @@ class DataError(FxlopError):
 class DatasetBundle:
     """The splits of one dataset and what a model needs to know about it.
 
-    ``train``/``val``/``test`` yield ``(image, label)``; ``val`` is None unless a validation
-    fraction was asked for. ``input_shape`` is ``(C, H, W)`` of one image.
+    ``train``/``val``/``test`` yield ``(input, label)``; ``val`` is None unless a validation
+    fraction was asked for. ``input_shape`` is ``(C, H, W)`` of one image or ``(C, L)`` of one signal.
     """
 
     train: Dataset
     val: Dataset | None
     test: Dataset
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     name: str
 
 
 class TensorImages(Dataset):
-    """Images held in memory as one ``(N, C, H, W)`` tensor with their labels.
+    """Images (or 1-D signals) held in memory as one ``(N, C, H, W)`` (``(N, C, L)``) tensor with their labels.
 
-    With ``shift`` > 0 every access translates the image by a random integer offset of up to
+    With ``shift`` > 0 (images only) every access translates the image by a random integer offset of up to
     ``shift`` pixels in each direction (pad with ``background``, random crop back to size),
     drawn from torch's RNG, so seeded runs and seeded DataLoader workers reproduce it.
     """
@@ -81,6 +91,11 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
       normalized with the mean/std of the training part; a fixed stratified 30 % test split
       (1,257 train / 540 test) that no seed moves; training images shifted by up to 2 px when
       ``augment``. ``channels=3`` repeats the gray channel (for RGB models).
+    - ``mnist1d`` (embedded: generated offline by the ``mnist1d`` package with its published
+      arguments, ``make_dataset(get_dataset_args())``): 4,000 train / 1,000 test signals of shape
+      ``(1, 40)``, 10 classes, already centered and scaled by the generator; no augmentation.
+      Published test accuracies: logistic regression 32 %, MLP 68 %, CNN 94 %
+      (:data:`MNIST1D_REFERENCE`). ``channels`` repeats the signal; ``image_size`` does not apply.
     - ``cifar10``/``cifar100``: torchvision's python batches in ``data_dir`` (``download=True``
       fetches them); random crop 32 with padding 4 and horizontal flips when ``augment``.
     - ``imagefolder``: ``data_dir/train`` and ``data_dir/val`` (or ``test``), one folder per
@@ -97,6 +112,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if name == "digits":
         return _digits(16 if image_size is None else image_size, 1 if channels is None else channels, val_fraction, split_seed, augment)
+    if name == "mnist1d":
+        if image_size is not None:
+            raise DataError(f"mnist1d holds 1-D signals of length 40; image_size does not apply, got {image_size}")
+        return _mnist1d(1 if channels is None else channels, val_fraction, split_seed)
     if name in ("cifar10", "cifar100"):
         _rgb_only(name, channels)
         if image_size not in (None, 32):
@@ -160,6 +179,40 @@ def _digits(image_size: int, channels: int, val_fraction: float, split_seed: int
         train=subset(train_idx, _DIGITS_SHIFT if augment else 0),
         val=None if val_idx is None else subset(val_idx, 0), test=subset(test_idx, 0),
         num_classes=10, input_shape=tuple(images.shape[1:]), name="digits")
+
+
+def _mnist1d(channels: int, val_fraction: float, split_seed: int) -> DatasetBundle:
+    if channels < 1:
+        raise DataError(f"channels must be positive, got {channels}")
+    x, y, x_test, y_test = _mnist1d_arrays()
+    signals = torch.tensor(x, dtype=torch.float32).unsqueeze(1).repeat(1, channels, 1)
+    labels = torch.tensor(y, dtype=torch.long)
+    train_idx, val_idx = np.arange(len(labels)), None
+    if val_fraction:
+        train_idx, val_idx = _stratified_split(train_idx, y, val_fraction, split_seed, "mnist1d")
+    test = TensorImages(torch.tensor(x_test, dtype=torch.float32).unsqueeze(1).repeat(1, channels, 1),
+                        torch.tensor(y_test, dtype=torch.long))
+    return DatasetBundle(
+        train=TensorImages(signals[train_idx], labels[train_idx]),
+        val=None if val_idx is None else TensorImages(signals[val_idx], labels[val_idx]), test=test,
+        num_classes=10, input_shape=tuple(signals.shape[1:]), name="mnist1d")
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_arrays():
+    """The published MNIST-1D split, generated (about 4 s) once per process."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as error:
+        raise DataError("dataset 'mnist1d' needs the mnist1d package: pip install mnist1d") from error
+    # make_dataset seeds Python's and NumPy's global generators; the caller's streams stay as they were
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return data["x"], data["y"], data["x_test"], data["y_test"]
 
 
 def _rgb_only(name: str, channels: int | None) -> None:

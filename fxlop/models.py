@@ -1,4 +1,5 @@
-"""Models: CIFAR-style ResNet-20/56 and VGG-16 (the paper's families), torchvision by name, saved ones."""
+"""Models: CIFAR-style ResNet-20/56 and VGG-16 (the paper's families), 1-D CNN and ResNet for signals
+(MNIST-1D), torchvision by name, saved ones."""
 from __future__ import annotations
 
 import functools
@@ -13,27 +14,34 @@ from .errors import FxlopError
 
 CIFAR_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 CIFAR_MODELS = (*CIFAR_RESNET_DEPTHS, "vgg16")
+#: models for 1-D signals ``(C, L)`` such as MNIST-1D; every other model takes images ``(C, H, W)``
+SIGNAL_MODELS = ("cnn1d", "resnet1d")
 
 
 class ModelError(FxlopError):
     """A model name, file or state_dict that cannot be used."""
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers and a shortcut; the shortcut is a 1x1 conv + BN where the shape changes."""
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}
 
-    def __init__(self, in_channels: int, channels: int, stride: int):
+
+class BasicBlock(nn.Module):
+    """Two 3x3 (or 3-tap, ``dims=1``) conv-BN layers and a shortcut; the shortcut is a 1x1 conv + BN
+    where the shape changes."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, dims: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
+        conv, norm = _CONV[dims], _NORM[dims]
+        self.conv1 = conv(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = norm(channels)
+        self.conv2 = conv(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = norm(channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != channels:
             # option B (projection): torch-pruning prunes it together with the stage's residual
             # channels, whereas option A's zero-padded identity is not a prunable layer
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
-                                          nn.BatchNorm2d(channels))
+            self.shortcut = nn.Sequential(conv(in_channels, channels, 1, stride, bias=False), norm(channels))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -42,28 +50,34 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
     """ResNet for small inputs (He et al. 2016, section 4.2): depth 6n + 2, a 3x3 stem, three stages
-    of n basic blocks with widths 16/32/64, global average pooling and a linear classifier ``fc``."""
+    of n basic blocks with widths 16/32/64, global average pooling and a linear classifier ``fc``.
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
+    ``dims=1`` builds the same network for 1-D signals (3-tap convs; the stem has ``stem_kernel``
+    taps); ``widths`` sets the three stage widths.
+    """
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, *, dims: int = 2,
+                 widths: tuple[int, int, int] = (16, 32, 64), stem_kernel: int = 3):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ModelError(f"a CIFAR ResNet has depth 6n + 2 with n >= 1 (20, 32, 44, 56, 110), got {depth}")
         blocks = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        stages, channels = [], 16
-        for stage, width in enumerate((16, 32, 64)):
+        conv = _CONV[dims]
+        self.conv1 = conv(in_channels, widths[0], stem_kernel, 1, stem_kernel // 2, bias=False)
+        self.bn1 = _NORM[dims](widths[0])
+        stages, channels = [], widths[0]
+        for stage, width in enumerate(widths):
             stage_blocks = []
             for index in range(blocks):
                 # every stage after the first halves the resolution in its first block
-                stage_blocks.append(BasicBlock(channels, width, 2 if stage and not index else 1))
+                stage_blocks.append(BasicBlock(channels, width, 2 if stage and not index else 1, dims))
                 channels = width
             stages.append(nn.Sequential(*stage_blocks))
         self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.pool = (nn.AdaptiveAvgPool1d if dims == 1 else nn.AdaptiveAvgPool2d)(1)
+        self.fc = nn.Linear(widths[-1], num_classes)
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, conv):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
@@ -100,6 +114,28 @@ class CifarVGG(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
+class SignalCNN(nn.Module):
+    """A plain 1-D CNN for MNIST-1D-like signals: a 5-tap stem conv, three stages of two 3-tap
+    conv-BN-ReLU layers (widths 32/64/128; stages 2 and 3 start with stride 2), global average
+    pooling and a linear ``fc``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, int, int] = (32, 64, 128)):
+        super().__init__()
+        layers = [nn.Conv1d(in_channels, widths[0], 5, padding=2, bias=False), nn.BatchNorm1d(widths[0]), nn.ReLU()]
+        channels = widths[0]
+        for stage, width in enumerate(widths):
+            for index in range(2):
+                stride = 2 if stage and not index else 1
+                layers += [nn.Conv1d(channels, width, 3, stride, 1, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+                channels = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
 @functools.lru_cache(maxsize=None)
 def _torchvision_names() -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
@@ -108,15 +144,32 @@ def _torchvision_names() -> frozenset[str]:
 def is_torchvision_model(name: str) -> bool:
     """True for a torchvision classification model name (which takes 3-channel input), False for
     the CIFAR models here and for unknown names."""
-    return name not in CIFAR_MODELS and name in _torchvision_names()
+    return name not in CIFAR_MODELS and name not in SIGNAL_MODELS and name in _torchvision_names()
+
+
+def is_known_model(name: str) -> bool:
+    """Whether :func:`build_model` knows ``name``."""
+    return name in CIFAR_MODELS or name in SIGNAL_MODELS or is_torchvision_model(name)
+
+
+def unknown_model_message(name: str) -> str:
+    return (f"unknown model {name!r}: use one of {', '.join(CIFAR_MODELS + SIGNAL_MODELS)} or any "
+            f"torchvision classification model name (e.g. resnet18, mobilenet_v3_small)")
+
+
+def is_signal_model(name: str) -> bool:
+    """True for the models of 1-D signals ``(C, L)`` (``cnn1d``, ``resnet1d``)."""
+    return name in SIGNAL_MODELS
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int = 3) -> nn.Module:
     """A freshly initialized model.
 
     ``name``: ``resnet20``/``resnet32``/``resnet44``/``resnet56``/``resnet110`` or ``vgg16``
-    (CIFAR-style, any ``in_channels``), or any torchvision classification model name such as
-    ``resnet18`` or ``mobilenet_v3_small`` (``weights=None``; ``in_channels`` must be 3).
+    (CIFAR-style, any ``in_channels``); ``cnn1d`` (:class:`SignalCNN`) or ``resnet1d`` (a 1-D
+    ResNet-14, widths 32/64/128, 5-tap stem) for 1-D signals such as MNIST-1D; or any torchvision
+    classification model name such as ``resnet18`` or ``mobilenet_v3_small`` (``weights=None``;
+    ``in_channels`` must be 3).
 
     Raises:
         ModelError: an unknown name, or options the model cannot take.
@@ -127,13 +180,16 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3) -> nn.Modu
         return CifarResNet(CIFAR_RESNET_DEPTHS[name], num_classes, in_channels)
     if name == "vgg16":
         return CifarVGG(num_classes, in_channels)
+    if name == "cnn1d":
+        return SignalCNN(num_classes, in_channels)
+    if name == "resnet1d":
+        return CifarResNet(14, num_classes, in_channels, dims=1, widths=(32, 64, 128), stem_kernel=5)
     if is_torchvision_model(name):
         if in_channels != 3:
             raise ModelError(f"torchvision's {name} takes 3 input channels, not {in_channels} "
                              f"(load the data with channels=3 to repeat gray images)")
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    raise ModelError(f"unknown model {name!r}: use one of {', '.join(CIFAR_MODELS)} or any torchvision "
-                     f"classification model name (e.g. resnet18, mobilenet_v3_small)")
+    raise ModelError(unknown_model_message(name))
 
 
 def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,

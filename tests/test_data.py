@@ -112,7 +112,7 @@ def test_loader_order_and_worker_augmentation_depend_only_on_the_seed(plain):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"name": "mnist"}, r"unknown dataset 'mnist'; known: digits, cifar10, cifar100, imagefolder"),
+    ({"name": "mnist"}, r"unknown dataset 'mnist'; known: digits, mnist1d, cifar10, cifar100, imagefolder"),
     ({"name": "cifar10"}, "pass data_dir"),
     ({"name": "imagefolder", "data_dir": "/nonexistent/x"}, "/nonexistent/x does not exist"),
     ({"name": "digits", "val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),

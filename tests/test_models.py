@@ -59,6 +59,29 @@ def test_cifar_models_are_prunable_by_torch_pruning(name):
     assert widths[:2] == ([32, 32] if name == "vgg16" else [8, 8]) and model(x).shape == (1, 10)
 
 
+@pytest.mark.parametrize("name,params", [("cnn1d", 100_714), ("resnet1d", 241_258)])
+def test_signal_models_shapes_tracing_and_pruning(name, params):
+    model = build_model(name, num_classes=10, in_channels=1).eval()
+    # cnn1d: 5-tap stem, two 3-tap convs per stage at widths 32/64/128; resnet1d: a 1-D ResNet-14 of those widths
+    stem = 5 * 32 + 64
+    if name == "cnn1d":
+        convs = [(32, 32)] * 2 + [(32, 64), (64, 64), (64, 128), (128, 128)]
+        expected = stem + sum(3 * a * b + 2 * b for a, b in convs) + 128 * 10 + 10
+    else:
+        blocks = [(32, 32)] * 2 + [(32, 64), (64, 64), (64, 128), (128, 128)]
+        expected = (stem + sum(3 * a * b + 3 * b * b + 4 * b for a, b in blocks) + (32 * 64 + 128) + (64 * 128 + 256)
+                    + 128 * 10 + 10)
+    assert _params(model) == expected == params
+    assert all(isinstance(m, (nn.Conv1d, nn.Linear)) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Linear)))
+    x = torch.randn(4, 1, 40)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (4, 10) and torch.equal(fx.symbolic_trace(model)(x), out)
+    tp.pruner.BasePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.5,
+                         ignored_layers=[model.fc]).step()
+    assert model(x).shape == (4, 10) and _params(model) < params / 3
+
+
 def test_torchvision_models_by_name():
     assert is_torchvision_model("resnet18") and is_torchvision_model("mobilenet_v3_small")
     assert not is_torchvision_model("resnet20") and not is_torchvision_model("fasterrcnn_resnet50_fpn")
@@ -68,7 +91,7 @@ def test_torchvision_models_by_name():
             assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
     with pytest.raises(ModelError, match="takes 3 input channels, not 1"):
         build_model("resnet18", num_classes=10, in_channels=1)
-    with pytest.raises(ModelError, match="unknown model 'resnet21': use one of resnet20, .*vgg16 or any torchvision"):
+    with pytest.raises(ModelError, match="unknown model 'resnet21': use one of resnet20, .*vgg16, cnn1d, resnet1d or any torchvision"):
         build_model("resnet21", num_classes=10)
     with pytest.raises(ModelError, match="positive"):
         build_model("resnet20", num_classes=0)
