@@ -6,10 +6,10 @@
 from .core import expand, fuse, report
 from .distill import distiller, similarity_loss
 from .errors import EquivalenceError, ExpansionError, FusionError, FxlopError, SelectionError, TraceError
-from .train import TrainConfig, evaluate, finetune, load_checkpoint
+from .train import TrainConfig, evaluate, finetune, load_checkpoint, param_groups
 from .verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["expand", "fuse", "report", "verify", "finetune", "evaluate", "TrainConfig", "load_checkpoint", "similarity_loss",
+__all__ = ["expand", "fuse", "report", "verify", "finetune", "evaluate", "TrainConfig", "load_checkpoint", "param_groups", "similarity_loss",
            "distiller", "FxlopError", "TraceError", "ExpansionError", "FusionError",
            "SelectionError", "EquivalenceError", "__version__"]

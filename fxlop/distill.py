@@ -55,6 +55,9 @@ class Distiller:
     only_in_teacher: list[str]
     only_in_student: list[str]
     reduction: str = "mean"
+    #: multiplier of the SP loss in the training objective: 1 for absolute weighting, fixed on the
+    #: first batch for relative weighting (None until then); kept in checkpoints
+    scale: float | None = 1.0
 
     def loss(self, student_taps: Mapping[str, Tensor], teacher_taps: Mapping[str, Tensor]) -> Tensor:
         """Mean (or sum, with ``reduction="sum"``, Tung & Mori's form) of :func:`similarity_loss` over the taps."""

@@ -21,25 +21,40 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from passes.dynamics import factor_gains
+from passes.expanded import ExpandedLayer
+
 from .distill import Distiller, distiller
 from .errors import FxlopError
 
-CHECKPOINT_FORMAT = "fxlop-checkpoint/1"
+CHECKPOINT_FORMAT = "fxlop-checkpoint/2"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+FACTOR_LRS = ("uniform", "normalized")
+SP_WEIGHTINGS = ("absolute", "relative")
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of :func:`finetune` (also stored in checkpoints).
 
-    ``factor_weight_decay``/``factor_lr_scale`` apply to the factors of expanded layers (parameters
-    named ``*.factors.*``): ``factor_weight_decay=0`` leaves them out of weight decay (decay on
-    factors biases the product towards low rank); ``None`` means the same as ``weight_decay``.
-    The factors train at half the base rate by default: a chain of factors moves its product
-    faster than one weight at the same rate (README, "Recovery after pruning").
+    ``factor_weight_decay``/``factor_lr_scale``/``factor_lr`` apply to the factors of expanded layers
+    (found by identity, see :func:`param_groups`): ``factor_weight_decay=0`` leaves them out of
+    weight decay (decay on factors biases the product towards low rank); ``None`` means the same as
+    ``weight_decay``.  ``factor_lr="uniform"`` trains every factor at ``lr * factor_lr_scale``;
+    ``"normalized"`` divides each factor's rate further by the largest gain of its term in LOP's
+    preconditioner (:func:`passes.dynamics.factor_gains`), so that the update of the product no
+    longer depends on the arbitrary scale of the layer's weight.  The factors train at half the
+    base rate by default: a chain of factors moves its product faster than one weight at the same
+    rate (README, "How LOP changes the optimizer").
     ``gamma`` weighs the SP loss over ``taps`` (names or globs, default every conv/linear layer),
-    averaged (or summed) over taps by ``tap_reduction``.
+    averaged (or summed) over taps by ``tap_reduction``.  ``sp_weighting="relative"`` makes
+    ``gamma`` a ratio: the SP term is scaled once, on the first training batch, to ``gamma`` times
+    the cross-entropy there, so one value means the same on any model and dataset.
+
+    ``schedule_epochs`` (default ``epochs``) is the length of the learning-rate schedule and
+    ``schedule_start`` the epoch of it this run begins at, so that two runs can share one schedule
+    (fine-tune an expanded model for the first part, fuse it, finish the schedule on the fused model).
     """
 
     epochs: int = 10
@@ -49,13 +64,17 @@ class TrainConfig:
     weight_decay: float = 5e-4
     factor_weight_decay: float | None = None
     factor_lr_scale: float = 0.5
+    factor_lr: str = "uniform"
     schedule: str = "cosine"
+    schedule_epochs: int | None = None
+    schedule_start: int = 0
     step_size: int = 30
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
     gamma: float = 0.0
     taps: list[str] | None = None
     tap_reduction: str = "mean"
+    sp_weighting: str = "absolute"
     bf16: bool = False
     seed: int = 0
 
@@ -65,8 +84,19 @@ class TrainConfig:
             problems.append(f"epochs must be a positive integer, got {self.epochs!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.factor_lr not in FACTOR_LRS:
+            problems.append(f"factor_lr must be one of {FACTOR_LRS}, got {self.factor_lr!r}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule_epochs is not None and not (isinstance(self.schedule_epochs, int) and self.schedule_epochs >= 1):
+            problems.append(f"schedule_epochs must be a positive integer or None, got {self.schedule_epochs!r}")
+        if not (isinstance(self.schedule_start, int) and self.schedule_start >= 0):
+            problems.append(f"schedule_start must be an integer >= 0, got {self.schedule_start!r}")
+        elif isinstance(self.epochs, int) and self.schedule_start + self.epochs > self.total_schedule_epochs:
+            problems.append(f"schedule_start + epochs ({self.schedule_start} + {self.epochs}) runs past the end of the "
+                            f"schedule ({self.total_schedule_epochs} epochs)")
+        if self.sp_weighting not in SP_WEIGHTINGS:
+            problems.append(f"sp_weighting must be one of {SP_WEIGHTINGS}, got {self.sp_weighting!r}")
         for name in ("lr", "weight_decay", "gamma", "factor_lr_scale", "momentum"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -77,6 +107,10 @@ class TrainConfig:
             problems.append(f"tap_reduction must be 'sum' or 'mean', got {self.tap_reduction!r}")
         if problems:
             raise FxlopError("; ".join(problems))
+
+    @property
+    def total_schedule_epochs(self) -> int:
+        return self.epochs if self.schedule_epochs is None else self.schedule_epochs
 
 
 @dataclasses.dataclass
@@ -122,6 +156,7 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
     forward_model: nn.Module = model
     if config.gamma > 0:
         kd = distiller(teacher, model, config.taps, reduction=config.tap_reduction)
+        kd.scale = None if config.sp_weighting == "relative" else 1.0
         kd.teacher.to(device)
         forward_model = kd.student
     if world > 1:
@@ -132,7 +167,10 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
     history: list[dict] = []
     start = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        start, history = _restore(checkpoint_path, model, optimizer, scheduler, train_loader, device, rank)
+        start, history, sp_scale = _restore(checkpoint_path, model, optimizer, scheduler, train_loader, device, rank,
+                                            config)
+        if kd is not None:
+            kd.scale = sp_scale
     is_main = rank == 0
     if is_main and log_path is not None:
         _write_log(log_path, history)
@@ -146,6 +184,8 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
             _average_buffers(model, world)
         scheduler.step()
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **metrics}
+        if kd is not None:
+            record["sp_scale"] = kd.scale
         if val_loader is not None:
             record.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device=device, bf16=config.bf16).items()})
         record["time_s"] = time.perf_counter() - began
@@ -159,6 +199,7 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
                     "format": CHECKPOINT_FORMAT, "model": model, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "config": dataclasses.asdict(config),
                     "history": history, "rng": rng, "taps": kd.names if kd else [],
+                    "sp_scale": kd.scale if kd else None,
                 })
             if log_path is not None:
                 with open(log_path, "a") as log:
@@ -224,7 +265,11 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # torch.load raises many types on a corrupt file
         raise FxlopError(f"checkpoint {path} is unreadable: {type(error).__name__}: {error}") from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if isinstance(found, str) and found.startswith("fxlop-checkpoint/") and found != CHECKPOINT_FORMAT:
+        raise FxlopError(f"checkpoint {path} has format {found!r}, written by another version of fxlop; this "
+                         f"version reads {CHECKPOINT_FORMAT!r}: start a new checkpoint")
+    if found != CHECKPOINT_FORMAT:
         raise FxlopError(f"{path} is not an fxlop checkpoint")
     return payload
 
@@ -245,7 +290,9 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
             sp = torch.zeros((), device=device)
             if kd is not None:
                 sp = kd.loss(output[1], kd.teacher_taps(x))
-            loss = ce + config.gamma * sp
+                if kd.scale is None:  # relative weighting: fixed on the first batch
+                    kd.scale = _relative_sp_scale(ce, sp)
+            loss = ce + config.gamma * (kd.scale if kd is not None else 1.0) * sp
         if not torch.isfinite(loss):
             raise FxlopError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate or gamma")
         optimizer.zero_grad(set_to_none=True)
@@ -259,6 +306,15 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
     loss, ce, sp, correct, count = totals.tolist()
     return {"train_loss": loss / count, "train_ce": ce / count, "train_sp": sp / count,
             "train_accuracy": correct / count, "samples": int(count)}
+
+
+def _relative_sp_scale(ce: torch.Tensor, sp: torch.Tensor) -> float:
+    """The factor that makes the SP term equal the cross-entropy on this batch (averaged over ranks)."""
+    values = torch.stack([ce.detach().float(), sp.detach().float()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    ce_value, sp_value = values.tolist()
+    return ce_value / sp_value if sp_value > 0 else 1.0
 
 
 def _average_buffers(model: nn.Module, world: int) -> None:
@@ -276,15 +332,55 @@ def _logits(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, factor_lr_scale: float = 0.5,
+                 factor_weight_decay: float | None = None, factor_lr: str = "uniform") -> list[dict]:
+    """Optimizer parameter groups for a model that may hold expanded layers (any ``torch.optim`` optimizer).
+
+    The factors of :class:`passes.ExpandedLayer` modules are found by identity (a parameter of your
+    own named ``...factors...`` is not one); they train at ``lr * factor_lr_scale`` with
+    ``factor_weight_decay`` (``None``: ``weight_decay``).  ``factor_lr="normalized"`` gives every
+    factor a group of its own whose rate is further divided by its gain
+    (:func:`passes.dynamics.factor_gains`, measured now on the current factors).  Every other
+    trainable parameter gets ``lr`` and ``weight_decay``.  Empty groups are left out; each group
+    carries a ``"name"`` (``"factors"``, ``"others"`` or ``"<layer>.factors.<k>"``).
+
+    Example::
+
+        optimizer = torch.optim.SGD(fxlop.param_groups(expanded, lr=0.05, weight_decay=5e-4), momentum=0.9)
+    """
+    if factor_lr not in FACTOR_LRS:
+        raise FxlopError(f"factor_lr must be one of {FACTOR_LRS}, got {factor_lr!r}")
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("factor_lr_scale", factor_lr_scale),
+                        ("factor_weight_decay", 0.0 if factor_weight_decay is None else factor_weight_decay)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise FxlopError(f"{name} must be a finite number >= 0, got {value!r}")
+    factor_decay = weight_decay if factor_weight_decay is None else factor_weight_decay
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ExpandedLayer) and id(module) not in layers:
+            layers[id(module)] = (name, module)
+    factor_ids = {id(p) for _, layer in layers.values() for p in layer.factors}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
+    groups = []
+    if factor_lr == "uniform":
+        factors = [p for _, layer in layers.values() for p in layer.factors if p.requires_grad]
+        groups.append({"params": factors, "lr": lr * factor_lr_scale, "weight_decay": factor_decay, "name": "factors"})
+    else:
+        for name, layer in layers.values():
+            gains = factor_gains(list(layer.factors), layer.groups, layer.kernel_index)
+            for index, (param, gain) in enumerate(zip(layer.factors, gains)):
+                if param.requires_grad:
+                    scale = 1.0 if index == layer.kernel_index else factor_lr_scale
+                    groups.append({"params": [param], "lr": lr * scale / max(gain, 1e-12),
+                                   "weight_decay": factor_decay, "name": f"{name}.factors.{index}"})
+    groups.append({"params": others, "lr": lr, "weight_decay": weight_decay, "name": "others"})
+    return [g for g in groups if g["params"]]
+
+
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    factors, others = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (factors if ".factors." in name else others).append(param)
-    factor_decay = config.weight_decay if config.factor_weight_decay is None else config.factor_weight_decay
-    groups = [{"params": factors, "lr": config.lr * config.factor_lr_scale, "weight_decay": factor_decay},
-              {"params": others, "lr": config.lr, "weight_decay": config.weight_decay}]
-    groups = [g for g in groups if g["params"]]
+    groups = param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
+                          factor_lr_scale=config.factor_lr_scale, factor_weight_decay=config.factor_weight_decay,
+                          factor_lr=config.factor_lr)
     if not groups:
         raise FxlopError("the model has no trainable parameters")
     if config.optimizer == "sgd":
@@ -293,15 +389,30 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _scheduler(optimizer, config: TrainConfig):
-    if config.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.step_gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    """Per-epoch learning-rate factors of the schedule, from epoch ``schedule_start`` of it on."""
+    total, start = config.total_schedule_epochs, config.schedule_start
+
+    def factor(epoch: int) -> float:
+        at = epoch + start
+        if config.schedule == "cosine":  # CosineAnnealingLR's closed form, eta_min = 0
+            return 0.5 * (1 + math.cos(math.pi * min(at, total) / total))
+        if config.schedule == "step":
+            return config.step_gamma ** (at // config.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _restore(path, model, optimizer, scheduler, loader, device, rank) -> tuple[int, list[dict]]:
+def _restore(path, model, optimizer, scheduler, loader, device, rank, config: TrainConfig):
+    """Load a checkpoint into the run; returns ``(epoch, history, sp_scale)``.  A checkpoint written
+    with other settings is refused: resuming would keep its optimizer and schedule silently."""
     checkpoint = load_checkpoint(path, map_location=device)
+    saved = checkpoint.get("config", {})
+    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(config).items() if saved.get(k) != v}
+    if changed:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise FxlopError(f"checkpoint {path} was written with other settings ({listed}); resume with the same "
+                         f"settings, or start over with another checkpoint_path (or resume=False)")
     try:
         model.load_state_dict(checkpoint["model"].state_dict())
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -311,7 +422,7 @@ def _restore(path, model, optimizer, scheduler, loader, device, rank) -> tuple[i
     states = checkpoint.get("rng") or []
     if rank < len(states):
         _set_rng(states[rank], loader)
-    return checkpoint["epoch"], list(checkpoint["history"])
+    return checkpoint["epoch"], list(checkpoint["history"]), checkpoint.get("sp_scale")
 
 
 def _rng_state(loader) -> dict:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fxlop
-from fxlop.train import TrainConfig, finetune, load_checkpoint, save_checkpoint
+from fxlop.train import CHECKPOINT_FORMAT, TrainConfig, finetune, load_checkpoint, save_checkpoint
 
 JOB = Path(__file__).parent / "jobs" / "train_job.py"
 sys.path.insert(0, str(JOB.parent))
@@ -66,6 +66,48 @@ def test_factor_parameter_groups():
     assert (factors["weight_decay"], others["weight_decay"]) == (0.0, 5e-4)
 
 
+def test_relative_sp_weighting_scales_sp_to_gamma_times_the_first_cross_entropy():
+    import copy
+
+    import torch.nn.functional as F
+    from fxlop.distill import distiller
+
+    torch.manual_seed(0)
+    student, teacher = fxlop.expand(Net(4)), Net(12).eval()
+    batches = list(_loader())  # fixed batches: the first one is what the scale is measured on
+    probe = distiller(teacher, copy.deepcopy(student))
+    with torch.no_grad():
+        output = probe.student.train()(batches[0][0])
+        ce = F.cross_entropy(output[0], batches[0][1]).item()
+        sp = probe.loss(output[1], probe.teacher_taps(batches[0][0])).item()
+    result = finetune(student, batches, teacher=teacher, gamma=0.5, sp_weighting="relative", epochs=2, lr=0.01)
+    scales = [r["sp_scale"] for r in result.history]
+    assert scales[0] == scales[1] == pytest.approx(ce / sp, rel=1e-4)  # fixed once, on the first batch
+    absolute = finetune(fxlop.expand(Net(4)), _loader(), teacher=teacher, gamma=0.5, epochs=1, lr=0.01)
+    assert absolute.history[0]["sp_scale"] == 1.0
+
+
+def test_two_runs_can_share_one_schedule():
+    straight = finetune(Net(4), _loader(), epochs=6, lr=0.1)
+    first = finetune(Net(4), _loader(), epochs=2, lr=0.1, schedule_epochs=6)
+    rest = finetune(Net(4), _loader(), epochs=4, lr=0.1, schedule_epochs=6, schedule_start=2)
+    rates = [r["lr"] for r in straight.history]
+    assert [r["lr"] for r in first.history + rest.history] == pytest.approx(rates, rel=1e-12)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12) and rates[2] == pytest.approx(0.05)  # cosine to zero
+    with pytest.raises(fxlop.FxlopError, match=r"schedule_start \+ epochs \(4 \+ 4\) runs past"):
+        finetune(Net(4), _loader(), epochs=4, schedule_epochs=6, schedule_start=4)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    checkpoint = tmp_path / "ckpt.pt"
+    finetune(Net(4), _loader(), epochs=1, lr=0.1, checkpoint_path=checkpoint)
+    with pytest.raises(fxlop.FxlopError, match=r"other settings \(lr: 0.1 -> 0.2, epochs: 1 -> 3\)|"
+                                               r"other settings \(epochs: 1 -> 3, lr: 0.1 -> 0.2\)"):
+        finetune(Net(4), _loader(), epochs=3, lr=0.2, checkpoint_path=checkpoint, resume=True)
+    resumed = finetune(Net(4), _loader(), epochs=1, lr=0.1, checkpoint_path=checkpoint, resume=True)
+    assert len(resumed.history) == 1  # the same settings resume (here: nothing left to do)
+
+
 @pytest.mark.parametrize("bad,match", [({"epochs": 0}, "epochs"), ({"optimizer": "lion"}, "optimizer"),
                                        ({"lr": float("nan")}, "lr"), ({"schedule": "poly"}, "schedule"),
                                        ({"gamma": 1.0}, "teacher")])
@@ -76,7 +118,7 @@ def test_bad_settings(bad, match):
 
 def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"format": "fxlop-checkpoint/1", "epoch": 1})
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "epoch": 1})
 
     def torn_save(payload, handle):
         handle.write(b"half a checkpoint")
@@ -84,7 +126,7 @@ def test_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError):
-        save_checkpoint(path, {"format": "fxlop-checkpoint/1", "epoch": 2})
+        save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "epoch": 2})
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
