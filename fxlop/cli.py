@@ -8,8 +8,8 @@ import torch
 
 from .errors import EquivalenceError, FxlopError
 
-_RUN_HELP = ("train or load a dense model, prune it, expand it, fine-tune it with SP distillation, fuse it, "
-             "verify it and save the fused model with a report")
+_RUN_HELP = ("train or load a dense model, prune it, fine-tune it with plain fine-tuning and with LOP (expand, "
+             "SP distillation, fuse), deploy the best on a validation split after verifying it, and report all")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .pipeline import METHODS, RunSettings
+    from .pipeline import DEFAULT_MODEL, DEFAULT_MODELS, METHODS, RunSettings
+    from .train import FACTOR_LRS, SP_WEIGHTINGS
 
     defaults = RunSettings()
     parser = argparse.ArgumentParser(prog="fxlop", description="Linear over-parameterization of pruned networks.")
@@ -39,30 +40,41 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = run.add_argument_group("data and model")
     data.add_argument("--model", default=defaults.model,
-                      help="resnet20, resnet56, vgg16 (CIFAR-style) or any torchvision classification model name")
+                      help=f"resnet20, resnet56, vgg16 (CIFAR-style), cnn1d or resnet1d (1-D signals) or any torchvision "
+                           f"classification model name (default: {DEFAULT_MODEL}; "
+                           + ", ".join(f"{v} for {k}" for k, v in DEFAULT_MODELS.items()) + ")")
     data.add_argument("--weights", help="a saved dense model (whole module or state_dict) instead of training one")
-    data.add_argument("--dataset", default=defaults.dataset, help="digits (embedded), cifar10, cifar100, imagefolder")
+    data.add_argument("--dataset", default=defaults.dataset, help="digits or mnist1d (embedded), cifar10, cifar100, imagefolder")
     data.add_argument("--data-dir", help="directory holding the dataset (cifar10, cifar100, imagefolder)")
     data.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
     data.add_argument("--image-size", type=int, help="input side (digits: 16 or 32; imagefolder: 224)")
     data.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                      help="carve a validation split from the training data for the per-epoch curves")
+                      help="validation split carved from the training data: chooses what --method auto deploys, "
+                           "and draws the per-epoch curves")
     prune = run.add_argument_group("pruning (torch-pruning)")
     prune.add_argument("--ratio", type=float, default=defaults.ratio, help="channel pruning ratio in (0, 1)")
     prune.add_argument("--importance", default=defaults.importance, help="l1, l2, taylor, lamp, fpgm, random")
     prune.add_argument("--global-pruning", action="store_true", help="rank channels across layers")
     prune.add_argument("--iterative-steps", type=int, default=defaults.iterative_steps)
     tune = run.add_argument_group("fine-tuning")
-    tune.add_argument("--method", choices=METHODS, default=defaults.method)
-    tune.add_argument("--baseline", action="store_true", help="also fine-tune the vanilla baseline for comparison")
+    tune.add_argument("--method", choices=METHODS, default=defaults.method,
+                      help="auto: fine-tune every --candidates method and deploy the best on the validation split; "
+                           "otherwise that method (vanilla always runs beside it, for comparison)")
+    tune.add_argument("--candidates", nargs="+", choices=METHODS[1:], default=defaults.candidates,
+                      help="the methods --method auto compares")
     tune.add_argument("--epochs", type=int, default=defaults.epochs)
     tune.add_argument("--lr", type=float, default=defaults.lr)
     tune.add_argument("--batch-size", type=int, default=defaults.batch_size)
     tune.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     tune.add_argument("--factor-weight-decay", type=float, help="weight decay of the LOP factors (default: same)")
     tune.add_argument("--factor-lr-scale", type=float, default=defaults.factor_lr_scale,
-                      help="learning rate of the LOP factors relative to --lr")
+                      help="learning rate of the LOP factors relative to --lr (normalized: the outer factors' gain)")
+    tune.add_argument("--factor-lr", choices=FACTOR_LRS, default=defaults.factor_lr,
+                      help="uniform: every factor at lr * scale; normalized: each divided by its gain in LOP's "
+                           "preconditioner")
     tune.add_argument("--gamma", type=float, default=defaults.gamma, help="weight of the SP distillation loss")
+    tune.add_argument("--sp-weighting", choices=SP_WEIGHTINGS, default=defaults.sp_weighting,
+                      help="relative: --gamma is the SP / cross-entropy ratio on the first batch")
     tune.add_argument("--taps", nargs="+", help="layer names or globs for SP (default: every conv/linear layer)")
     tune.add_argument("--tap-reduction", choices=("sum", "mean"), default=defaults.tap_reduction)
     tune.add_argument("--dense-epochs", type=int, default=defaults.dense_epochs)
@@ -137,13 +149,18 @@ def _expand(args) -> int:
 
 
 def _fuse(args) -> int:
-    from .core import fuse
+    from passes.expanded import ExpandedLayer
+
+    from .core import fuse, report
     from .models import load_model
 
-    fused = fuse(load_model(args.input), fold_bn=args.fold_bn)
+    model = load_model(args.input)
+    if not any(isinstance(m, ExpandedLayer) for m in model.modules()):
+        raise FxlopError(f"{args.input} holds no expanded layer: fuse takes a model saved by fxlop expand")
+    fused = fuse(model, fold_bn=args.fold_bn)
+    done = report(fused)["fuse"]
     torch.save(fused, args.output)
-    print(f"fused {len(fused.meta['fxlop']['fuse']['fused'])} layers "
-          f"({fused.meta['fxlop']['fuse']['params']:,} parameters); saved {args.output}")
+    print(f"fused {len(done['fused'])} layers ({done['params']:,} parameters); saved {args.output}")
     return 0
 
 
@@ -155,8 +172,11 @@ def _verify(args) -> int:
         shape = tuple(int(s) for s in args.input_shape.split(","))
     except ValueError:
         raise FxlopError(f"--input-shape takes comma-separated integers such as 2,3,32,32, got {args.input_shape!r}")
+    if any(s < 0 for s in shape):
+        raise FxlopError(f"--input-shape takes non-negative sizes, got {args.input_shape!r}")
     reference, candidate = load_model(args.reference), load_model(args.candidate)
-    dtype = next(reference.parameters()).dtype
+    floats = [t.dtype for t in (*reference.parameters(), *reference.buffers()) if t.is_floating_point()]
+    dtype = floats[0] if floats else torch.get_default_dtype()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(dtype)
     error = verify(reference, candidate, x, rtol=args.rtol, atol=args.atol)
     print(f"equivalent: largest relative error {error:.3e}")

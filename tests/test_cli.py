@@ -22,27 +22,112 @@ def _cli(*args):
 
 
 def test_run_end_to_end_on_digits(tmp_path):
-    code, out, err = _cli("run", "--epochs", 2, "--dense-epochs", 2, "--ratio", 0.5, "--baseline",
+    code, out, err = _cli("run", "--epochs", 2, "--dense-epochs", 2, "--ratio", 0.5,
                           "--out", tmp_path / "run", "--json", tmp_path / "final.json", "--quiet")
     assert code == 0, err[-3000:]
     report = json.loads((tmp_path / "final.json").read_text())
     assert report == json.loads((tmp_path / "run" / "report.json").read_text())
-    for key in ("dense_accuracy", "post_prune_accuracy", "finetuned_accuracy", "params", "macs", "wall_time_s"):
+    for key in ("dense_accuracy", "post_prune_accuracy", "finetuned_accuracy", "vanilla_accuracy", "params", "macs",
+                "wall_time_s", "deployed", "selection"):
         assert key in report, key
-    assert set(report["methods"]) == {"lop_sp", "vanilla"}
+    # --method auto: vanilla and LOP+SP fine-tuned with one budget, the best on validation deployed
+    assert set(report["methods"]) == {"lop_sp", "vanilla"} and report["data"]["val"] == 252
+    scores = {m: r["val_accuracy"] for m, r in report["methods"].items()}
+    assert scores[report["deployed"]] == max(scores.values())
+    assert report["deployed"] == "lop_sp" or scores["vanilla"] >= scores["lop_sp"]
+    assert report["vanilla_accuracy"] == report["methods"]["vanilla"]["accuracy"]
     assert report["params"]["fused"] == report["params"]["pruned"] < report["params"]["dense"]
     assert report["macs"]["fused"] == report["macs"]["pruned"] < report["macs"]["dense"]
     lop = report["methods"]["lop_sp"]
     assert lop["verify_max_relative_error"] <= 1e-5 and lop["params_expanded"] > report["params"]["pruned"]
     assert len(lop["history"]) == 2 and (tmp_path / "run" / "curves.png").stat().st_size > 10_000
-    assert "fine-tuned: lop_sp" in out and "fine-tuned: vanilla" in out
+    assert "fine-tuned: lop_sp" in out and "fine-tuned: vanilla" in out and f"{report['deployed']} (deployed)" in out
 
-    # the saved model is the pruned architecture and reproduces the reported accuracy
+    # the saved model is the pruned architecture and reproduces the deployed method's reported accuracy
     deployed = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
     assert sum(p.numel() for p in deployed.parameters()) == report["params"]["pruned"]
     assert isinstance(deployed, type(build_model("resnet20", num_classes=10, in_channels=1)))
     test = make_loader(load_dataset("digits").test, batch_size=256, shuffle=False)
     assert fxlop.evaluate(deployed, test)["accuracy"] == pytest.approx(report["finetuned_accuracy"], abs=1e-9)
+    assert report["finetuned_accuracy"] == report["methods"][report["deployed"]]["accuracy"]
+
+
+def test_run_on_mnist1d_with_an_explicit_method(tmp_path):
+    code, out, err = _cli("run", "--dataset", "mnist1d", "--method", "lop", "--epochs", 1, "--dense-epochs", 1,
+                          "--out", tmp_path, "--quiet")
+    assert code == 0, err[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["model"], report["deployed"], report["selection"].startswith(("as asked", "warning"))) == \
+        ("cnn1d", "lop", True)
+    assert set(report["methods"]) == {"lop", "vanilla"}  # vanilla always runs beside the method asked for
+    assert report["data"] == {"name": "mnist1d", "train": 3200, "test": 1000, "val": 800, "input_shape": [1, 40]}
+    deployed = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert sum(p.numel() for p in deployed.parameters()) == report["params"]["pruned"] == 4_113
+
+
+def _results(**val_accuracy):
+    return {m: {"val_accuracy": v} for m, v in val_accuracy.items()}
+
+
+def test_auto_deploys_the_best_on_validation_and_ties_go_to_vanilla():
+    from fxlop.pipeline import RunSettings, _choose
+
+    auto = RunSettings(candidates=["vanilla", "lop", "lop_sp"])
+    assert _choose(auto, _results(vanilla=0.90, lop=0.93, lop_sp=0.92))[0] == "lop"
+    assert _choose(auto, _results(vanilla=0.93, lop=0.93, lop_sp=0.92))[0] == "vanilla"
+    assert _choose(auto, _results(lop=0.93, vanilla=0.95, lop_sp=0.92))[0] == "vanilla"
+    chosen, why = _choose(RunSettings(method="lop_sp"), _results(lop_sp=0.90, vanilla=0.95))
+    assert chosen == "lop_sp" and why.startswith("warning: lop_sp reached 90.00 %") and "vanilla's 95.00 %" in why
+    assert _choose(RunSettings(method="lop_sp"), _results(lop_sp=0.96, vanilla=0.95)) == ("lop_sp", "")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--expansion", "inf"], "expansion must be a finite number >= 1, got inf"),
+    (["--depth", "1"], "depth must be an integer >= 2"),
+    (["--lr", "nan"], "lr must be a finite number >= 0, got nan"),
+    (["--gamma", "-1"], "gamma must be a finite number >= 0"),
+    (["--importance", "magnitude"], "--importance must be one of l1, l2"),
+    (["--taps", "nope"], "--taps ['nope'] name no layer of the model"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda:"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+    (["--model", "resnet20", "--dataset", "mnist1d"], "dataset 'mnist1d' holds 1-D signals; model 'resnet20'"),
+    (["--val-fraction", "0"], "--method auto chooses on a validation split"),
+    (["--factor-lr-scale", "-2"], "factor_lr_scale must be a finite number >= 0"),
+])
+def test_run_settings_are_checked_before_any_work(tmp_path, capsys, monkeypatch, args, message):
+    import fxlop.pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was trained before the settings were checked")
+
+    monkeypatch.setattr(fxlop.pipeline, "finetune", no_work)
+    assert main(["run", "--out", str(tmp_path), *args]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fxlop: error: ") and message in err, err
+
+
+def test_fuse_command_on_plain_and_eagerly_expanded_models(tmp_path, capsys):
+    model = build_model("resnet20", num_classes=10, in_channels=1).eval()
+    torch.save(model, tmp_path / "plain.pt")
+    assert main(["fuse", str(tmp_path / "plain.pt"), str(tmp_path / "out.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fxlop: error: ") and "holds no expanded layer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.pt").exists()
+    torch.save(fxlop.expand(model, trace=False), tmp_path / "eager.pt")
+    assert main(["fuse", str(tmp_path / "eager.pt"), str(tmp_path / "fused.pt")]) == 0
+    assert "fused 22 layers" in capsys.readouterr().out
+    fused = torch.load(tmp_path / "fused.pt", weights_only=False)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    fxlop.verify(model, fused, torch.randn(2, 1, 16, 16))
+
+
+def test_verify_command_on_models_without_parameters(tmp_path, capsys):
+    torch.save(torch.nn.ReLU(), tmp_path / "a.pt")
+    torch.save(torch.nn.Sequential(torch.nn.ReLU()), tmp_path / "b.pt")
+    assert main(["verify", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--input-shape", "3,4"]) == 0
+    assert "equivalent" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--input-shape", "3,-4"]) == 1
+    assert "non-negative sizes" in capsys.readouterr().err
 
 
 def test_expand_fuse_verify_commands(tmp_path):
