@@ -40,6 +40,7 @@ import fxlop  # noqa: E402
 from fxlop.data import load_dataset, make_loader  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune  # noqa: E402
+from passes.expanded import ExpandedLayer  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -55,13 +56,17 @@ class Method:
     expansion: float = 4
     depth: int = 3
     init: str = "orthogonal"
+    outer_scale: float = 1.0  # outer factors times this, kernel factor divided by it (depth - 1) times
     layers: str = "all"  # "all" or "kxk" (only convolutions with a spatial kernel)
     factor_weight_decay: float | None = None
     factor_lr_scale: float = 1.0
+    factor_lr: str = "uniform"
     gamma: float = 3000.0
     taps: str = "layers"  # "layers": every conv/linear; "stages": the residual stage outputs
     tap_reduction: str = "mean"
+    sp_weighting: str = "absolute"  # "relative": gamma is the SP / cross-entropy ratio on the first batch
     weight_decay: float = 5e-4
+    fuse_at: float | None = None  # LOP: fuse after this share of the epochs, finish the schedule fused
 
 
 #: the four methods of the grid, with the library's defaults (chosen by the study below)
@@ -135,10 +140,22 @@ def pruned_model(setup: Setup, ratio: float):
     return ctx["pruned"][ratio]
 
 
+@torch.no_grad()
+def rescale_factors(model: nn.Module, scale: float) -> None:
+    """Multiply the outer factors of every expanded layer by ``scale`` and divide the kernel factor by
+    ``scale ** (depth - 1)``: the product, and so the model's function, does not change."""
+    if scale == 1:
+        return
+    for module in model.modules():
+        if isinstance(module, ExpandedLayer):
+            for index, factor in enumerate(module.factors):
+                factor.mul_(scale ** (1 - module.depth) if index == module.kernel_index else scale)
+
+
 def _include(model: nn.Module, layers: str):
     if layers == "all":
         return None
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and max(m.kernel_size) > 1]
 
 
 def _taps(method: Method):
@@ -156,23 +173,38 @@ def run_one(job: tuple) -> dict:
     if method.lop:
         student = fxlop.expand(student, expansion=method.expansion, depth=method.depth, init=method.init,
                                include=_include(student, method.layers), seed=seed)
+        rescale_factors(student, method.outer_scale)
     else:
         student = copy.deepcopy(student)
     loader = make_loader(ctx["bundle"].train, batch_size=setup.batch_size, shuffle=True, seed=seed)
+    params_trained = sum(p.numel() for p in student.parameters())
+    expanded_epochs = epochs if method.fuse_at is None else max(1, min(epochs - 1, round(epochs * method.fuse_at)))
     began = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fxlop.finetune(student, loader, teacher=ctx["dense"] if method.sp else None, epochs=epochs, lr=method.lr,
-                       weight_decay=method.weight_decay, factor_weight_decay=method.factor_weight_decay,
-                       factor_lr_scale=method.factor_lr_scale, gamma=method.gamma if method.sp else 0.0,
-                       taps=_taps(method), tap_reduction=method.tap_reduction, seed=seed, device=setup.device,
-                       progress=False)
-    seconds = time.perf_counter() - began
+    history = _train(student, loader, method, setup, seed, ctx["dense"], epochs=expanded_epochs, schedule_epochs=epochs)
     deployed = fxlop.fuse(student) if method.lop else student
+    if expanded_epochs < epochs:
+        history += _train(deployed, loader, method, setup, seed, ctx["dense"], epochs=epochs - expanded_epochs,
+                          schedule_epochs=epochs, schedule_start=expanded_epochs)
+    seconds = time.perf_counter() - began
     scores = {split: fxlop.evaluate(deployed, loader)["accuracy"] for split, loader in ctx["loaders"].items()}
     return {"ratio": ratio, "method": dataclasses.asdict(method), "seed": seed, "epochs": epochs,
             "val_accuracy": scores["val"], "test_accuracy": scores["test"], "seconds_per_epoch": seconds / epochs,
-            "params_trained": sum(p.numel() for p in student.parameters())}
+            "params_trained": params_trained, "train_ce": [r["train_ce"] for r in history]}
+
+
+def _train(model, loader, method: Method, setup: Setup, seed: int, dense, **schedule) -> list[dict]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxlop.finetune(
+            model, loader, teacher=dense if method.sp else None, lr=method.lr, weight_decay=method.weight_decay,
+            factor_weight_decay=method.factor_weight_decay, factor_lr_scale=method.factor_lr_scale,
+            factor_lr=method.factor_lr, gamma=method.gamma if method.sp else 0.0, taps=_taps(method),
+            tap_reduction=method.tap_reduction, sp_weighting=method.sp_weighting, seed=seed, device=setup.device,
+            progress=False, **schedule).history
+
+
+#: the methods the grid runs by default
+GRID_DEFAULT = ("vanilla", "sp", "lop", "lop_sp")
 
 
 def run_all(jobs: list[tuple], workers: int) -> list[dict]:
@@ -203,14 +235,18 @@ def sweep(setup: Setup, ratios, methods: dict[str, Method], lrs, seeds, epochs, 
 
 
 def grid(args, setup: Setup) -> dict:
+    """Every (ratio, budget, method) at its swept learning rate, and at the paper protocol's fixed rate."""
     began = time.perf_counter()
     context(setup)  # trains and caches the dense model before the workers start
     ratios, budgets, seeds = args.ratios, args.budgets, list(range(args.seeds))
-    methods = {name: BASELINES[name] for name in args.methods}
+    methods = {name: GRID[name] for name in args.methods}
     best, sweep_results = sweep(setup, ratios, methods, args.lrs, [100 + s for s in range(args.sweep_seeds)],
                                 min(budgets), args.workers)
     jobs = [(setup, r, dataclasses.replace(methods[m], lr=best[(r, m)]), s, b)
             for r in ratios for b in budgets for m in methods for s in seeds]
+    if args.paper_lr:
+        jobs += [(setup, r, dataclasses.replace(methods[m], lr=args.paper_lr, name=f"{m}@paper"), s, b)
+                 for r in ratios for b in budgets for m in methods for s in seeds]
     results = run_all(jobs, args.workers)
     rows = []
     for ratio in ratios:
@@ -218,80 +254,117 @@ def grid(args, setup: Setup) -> dict:
         macs, params = tp.utils.count_ops_and_params(pruned.model, context(setup)["example"])
         for budget in budgets:
             row = {"ratio": ratio, "epochs": budget, "post_prune_test": 100 * post["test"], "params": int(params),
-                   "macs": float(macs), "widths": [pruned.widths_after[n] for n in _stage_names(pruned.widths_after)],
-                   "methods": {}}
+                   "macs": float(macs), "widths": _widths(pruned.widths_after), "methods": {}, "paper": {}}
             for name in methods:
-                runs = [x for x in results if x["ratio"] == ratio and x["epochs"] == budget
-                        and x["method"]["name"] == name]
-                row["methods"][name] = {"lr": best[(ratio, name)], "test": summarize(runs, "test_accuracy"),
-                                        "val": summarize(runs, "val_accuracy"),
-                                        "seconds_per_epoch": statistics.median(x["seconds_per_epoch"] for x in runs),
-                                        "params_trained": runs[0]["params_trained"]}
+                for key, label, lr in (("methods", name, best[(ratio, name)]), ("paper", f"{name}@paper", args.paper_lr)):
+                    runs = [x for x in results if x["ratio"] == ratio and x["epochs"] == budget
+                            and x["method"]["name"] == label]
+                    if runs:
+                        row[key][name] = {"lr": lr, "test": summarize(runs, "test_accuracy"),
+                                          "val": summarize(runs, "val_accuracy"),
+                                          "seconds_per_epoch": statistics.median(x["seconds_per_epoch"] for x in runs),
+                                          "params_trained": runs[0]["params_trained"]}
             rows.append(row)
     dense = context(setup)["dense"]
     return {"setup": dataclasses.asdict(setup), "machine": common.machine(), "seeds": seeds, "lrs": args.lrs,
+            "paper_lr": args.paper_lr, "workers": args.workers, "methods": {n: dataclasses.asdict(m) for n, m in methods.items()},
             "dense_test": 100 * fxlop.evaluate(dense, context(setup)["loaders"]["test"])["accuracy"],
             "rows": rows, "runs": results, "sweep": sweep_results, "wall_time_s": time.perf_counter() - began}
 
 
-def _stage_names(widths: dict) -> list[str]:
-    wanted = ("conv1", "layer2.0.conv1", "layer3.0.conv1")
-    return [n for n in wanted if n in widths]
+def _widths(widths: dict) -> list[int]:
+    """The distinct widths of the pruned model's conv/linear layers, in order (its stage widths),
+    without the classifier."""
+    return list(dict.fromkeys(list(widths.values())[:-1]))
 
 
-def grid_markdown(result: dict) -> str:
-    setup = result["setup"]
-    names = list(result["rows"][0]["methods"])
-    lines = [f"{setup['model']} on {setup['dataset']}, dense {result['dense_test']:.1f} % test accuracy; "
-             f"test accuracy % after fine-tuning, mean ± std over {len(result['seeds'])} seeds, each method at its "
-             f"best learning rate (in brackets) from a sweep over {result['lrs']} scored on a validation split. "
-             f"Measured {result['machine']['date']} on {result['machine']['cpu']}, "
-             f"{result['wall_time_s'] / 60:.0f} min.", "",
-             "| R | widths | epochs | after pruning | " + " | ".join(names) + " | params | MACs | s/epoch (" +
+def grid_markdown(combined: dict) -> str:
+    """One table per dataset: each method at its swept rate, then all at the paper protocol's rate."""
+    parts = []
+    for result in combined["results"]:
+        setup = result["setup"]
+        names = list(result["rows"][0]["methods"])
+        parts.append(
+            f"**{setup['model']} on {setup['dataset']}**, dense {result['dense_test']:.1f} % test accuracy; test "
+            f"accuracy % after fine-tuning, mean ± std over {len(result['seeds'])} seeds, each method at its best "
+            f"learning rate (in brackets) from a sweep over {result['lrs']} scored on a validation split. "
+            f"Measured {result['machine']['date']} on {result['machine']['cpu']} ({result['workers']} worker "
+            f"processes of 1 thread), {result['wall_time_s'] / 60:.0f} min.")
+        parts.append(_rows_markdown(result["rows"], "methods", names, show_lr=True))
+        if result.get("paper_lr"):
+            parts.append(f"Paper protocol: every method at one fixed learning rate of {result['paper_lr']:g} "
+                         f"(as pruning papers fine-tune), same seeds and budgets.")
+            parts.append(_rows_markdown(result["rows"], "paper", names, show_lr=False))
+    return "\n\n".join(parts)
+
+
+def _rows_markdown(rows: list[dict], key: str, names: list[str], show_lr: bool) -> str:
+    lines = ["| R | widths | epochs | after pruning | " + " | ".join(names) + " | params | MACs | s/epoch (" +
              "/".join(names) + ") |", "|" + "---|" * (7 + len(names))]
-    for row in result["rows"]:
-        cells = [f"{row['methods'][n]['test']['mean']:.1f} ± {row['methods'][n]['test']['std']:.1f} "
-                 f"({row['methods'][n]['lr']:g})" for n in names]
-        best = max(names, key=lambda n: row["methods"][n]["test"]["mean"])
+    for row in rows:
+        scores = row[key]
+        cells = [f"{scores[n]['test']['mean']:.1f} ± {scores[n]['test']['std']:.1f}"
+                 + (f" ({scores[n]['lr']:g})" if show_lr else "") for n in names]
+        best = max(names, key=lambda n: scores[n]["test"]["mean"])
         cells[names.index(best)] = f"**{cells[names.index(best)]}**"
-        times = "/".join(f"{row['methods'][n]['seconds_per_epoch']:.2f}" for n in names)
+        times = "/".join(f"{scores[n]['seconds_per_epoch']:.2f}" for n in names)
         lines.append(f"| {row['ratio']} | {'/'.join(map(str, row['widths']))} | {row['epochs']} | "
                      f"{row['post_prune_test']:.1f} | " + " | ".join(cells) +
                      f" | {row['params']:,} | {row['macs']:,.0f} | {times} |")
     return "\n".join(lines)
 
 
-def grid_plot(result: dict, path: Path) -> None:
+def grid_plot(combined: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    names = list(rows[0]["methods"])
-    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        means = [r["methods"][name]["test"]["mean"] for r in rows]
-        stds = [r["methods"][name]["test"]["std"] for r in rows]
-        axis.bar([j + i * width for j in range(len(rows))], means, width, yerr=stds, capsize=3, label=name)
-    axis.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
-                    [f"R={r['ratio']}\n{r['epochs']} ep" for r in rows])
-    low = min(r["methods"][n]["test"]["mean"] - r["methods"][n]["test"]["std"] for r in rows for n in names)
-    axis.set_ylim(max(0, low - 5), 100)
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_title(f"{result['setup']['model']} on {result['setup']['dataset']}: recovery after pruning")
-    axis.legend(ncol=len(names), fontsize=8)
-    axis.grid(axis="y", alpha=0.3)
+    results = combined["results"]
+    figure, axes = plt.subplots(len(results), 1, figsize=(max(7, 2.2 * len(results[0]["rows"])), 4 * len(results)),
+                                squeeze=False)
+    for axis, result in zip(axes[:, 0], results):
+        rows = result["rows"]
+        names = list(rows[0]["methods"])
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            means = [r["methods"][name]["test"]["mean"] for r in rows]
+            stds = [r["methods"][name]["test"]["std"] for r in rows]
+            axis.bar([j + i * width for j in range(len(rows))], means, width, yerr=stds, capsize=2, label=name)
+        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))],
+                        [f"R={r['ratio']}\n{r['epochs']} ep" for r in rows])
+        low = min(r["methods"][n]["test"]["mean"] - r["methods"][n]["test"]["std"] for r in rows for n in names)
+        axis.set_ylim(max(0, low - 5), 100)
+        axis.set_ylabel("test accuracy (%)")
+        axis.set_title(f"{result['setup']['model']} on {result['setup']['dataset']}: recovery after pruning "
+                       f"(each method at its best lr)")
+        axis.legend(ncol=min(len(names), 4), fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
+
+#: variants the mechanism suggests (README, "How LOP changes the optimizer")
+VARIANTS = {
+    # every factor's rate divided by its gain: the kernel factor moves the product like plain
+    # fine-tuning, each outer factor adds at most factor_lr_scale of that along the top direction
+    "lop_norm0.1": Method("lop_norm0.1", lop=True, factor_lr="normalized", factor_lr_scale=0.1),
+    "lop_norm0.3": Method("lop_norm0.3", lop=True, factor_lr="normalized", factor_lr_scale=0.3),
+    "lop_norm1": Method("lop_norm1", lop=True, factor_lr="normalized", factor_lr_scale=1.0),
+    "lop_fuse_half": Method("lop_fuse_half", lop=True, factor_lr_scale=0.5, fuse_at=0.5),
+    "sp_rel0.1": Method("sp_rel0.1", sp=True, sp_weighting="relative", gamma=0.1),
+    "sp_rel0.3": Method("sp_rel0.3", sp=True, sp_weighting="relative", gamma=0.3),
+    "sp_rel1": Method("sp_rel1", sp=True, sp_weighting="relative", gamma=1.0),
+}
+#: what the grid can compare (``--methods``)
+GRID = {**BASELINES, **VARIANTS}
 
 #: the levers of the study, each a variant of a baseline (DESIGN.md: "known levers when LOP underperforms")
 STUDY = {
     **BASELINES,
     **UNTUNED,
+    **VARIANTS,
     "lop_balanced": Method("lop_balanced", lop=True, init="balanced"),
     "lop_factor_wd0": Method("lop_factor_wd0", lop=True, factor_weight_decay=0.0),
     "lop_r2": Method("lop_r2", lop=True, expansion=2),
@@ -305,64 +378,93 @@ STUDY = {
 }
 
 
-def study(args, setup: Setup, names: list[str]) -> dict:
-    """Each lever at one ratio and budget, scored on the validation split at its best learning rate."""
-    context(setup)
+def study(args, setups: list[Setup], names: list[str]) -> dict:
+    """Each lever at one ratio and budget, scored on the validation split at its best learning rate,
+    on every dataset; results accumulate in recovery_study.json by dataset and variant."""
     path = common.RESULTS / "recovery_study.json"
-    previous = json.loads(path.read_text()) if path.exists() else {"variants": {}}
+    previous = json.loads(path.read_text()) if path.exists() else {"datasets": {}}
+    if "variants" in previous:  # the first study, digits only
+        previous = {"datasets": {"digits": {"variants": previous["variants"]}}}
     seeds = list(range(args.seeds))
     ratio, epochs = args.ratios[0], args.budgets[0]
-    for name in names:
-        began = time.perf_counter()
-        method = STUDY[name]
-        jobs = [(setup, ratio, dataclasses.replace(method, lr=lr), s, epochs) for lr in args.lrs for s in seeds]
-        results = run_all(jobs, args.workers)
-        by_lr = {lr: summarize([r for r in results if r["method"]["lr"] == lr], "val_accuracy") for lr in args.lrs}
-        best = max(by_lr, key=lambda lr: by_lr[lr]["mean"])
-        test = summarize([r for r in results if r["method"]["lr"] == best], "test_accuracy")
-        previous["variants"][name] = {
-            "settings": dataclasses.asdict(method), "ratio": ratio, "epochs": epochs, "seeds": seeds,
-            "val_by_lr": {str(lr): v for lr, v in by_lr.items()}, "best_lr": best, "val": by_lr[best], "test": test,
-            "seconds": time.perf_counter() - began, "machine": common.machine()}
-        print(f"{name:20s} best lr {best:<5g} val {by_lr[best]['mean']:.1f} ± {by_lr[best]['std']:.1f}  "
-              f"(test {test['mean']:.1f} ± {test['std']:.1f})  "
-              + "  ".join(f"{lr:g}: {v['mean']:.1f}" for lr, v in by_lr.items()), flush=True)
-        common.RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(previous, indent=2) + "\n")
-        (common.RESULTS / "recovery_study.md").write_text(study_markdown(previous) + "\n")
+    for setup in setups:
+        context(setup)
+        record = previous["datasets"].setdefault(setup.dataset, {"variants": {}})
+        record["setup"] = dataclasses.asdict(setup)
+        for name in names:
+            began = time.perf_counter()
+            method = STUDY[name]
+            jobs = [(setup, ratio, dataclasses.replace(method, lr=lr), s, epochs) for lr in args.lrs for s in seeds]
+            results = run_all(jobs, args.workers)
+            by_lr = {lr: summarize([r for r in results if r["method"]["lr"] == lr], "val_accuracy") for lr in args.lrs}
+            best = max(by_lr, key=lambda lr: by_lr[lr]["mean"])
+            chosen = [r for r in results if r["method"]["lr"] == best]
+            test = summarize(chosen, "test_accuracy")
+            record["variants"][name] = {
+                "settings": dataclasses.asdict(method), "model": setup.model, "ratio": ratio, "epochs": epochs,
+                "seeds": seeds, "val_by_lr": {str(lr): v for lr, v in by_lr.items()}, "best_lr": best,
+                "val": by_lr[best], "test": test,
+                "train_ce": [statistics.mean(r["train_ce"][e] for r in chosen) for e in range(epochs)],
+                "seconds": time.perf_counter() - began, "machine": common.machine()}
+            print(f"{setup.dataset:8s} {name:20s} best lr {best:<5g} val {by_lr[best]['mean']:.1f} ± "
+                  f"{by_lr[best]['std']:.1f}  (test {test['mean']:.1f} ± {test['std']:.1f})  "
+                  + "  ".join(f"{lr:g}: {v['mean']:.1f}" for lr, v in by_lr.items()), flush=True)
+            common.RESULTS.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(previous, indent=2) + "\n")
+            (common.RESULTS / "recovery_study.md").write_text(study_markdown(previous) + "\n")
     return previous
 
 
 def study_markdown(study_result: dict) -> str:
-    """The lever study as a table, best validation accuracy first."""
-    variants = sorted(study_result["variants"].items(), key=lambda item: -item[1]["val"]["mean"])
-    first = variants[0][1]
-    lines = [f"R={first['ratio']}, {first['epochs']} epochs, {len(first['seeds'])} seeds; every variant at its best "
-             f"learning rate by validation accuracy (test accuracy for reference, not used to choose).", "",
-             "| variant | what changes | best lr | validation % | test % | validation % by lr |",
-             "|---|---|---|---|---|---|"]
+    """The lever study as one table, datasets side by side; best mean validation accuracy first."""
+    datasets = study_result["datasets"]
+    names = list(dict.fromkeys(n for d in datasets.values() for n in d["variants"]))
+
+    def order(name):
+        vals = [d["variants"][name]["val"]["mean"] for d in datasets.values() if name in d["variants"]]
+        return (-len(vals), -statistics.mean(vals))
+
     defaults = dataclasses.asdict(Method("x"))
-    for name, v in variants:
-        changed = {k: val for k, val in v["settings"].items() if k not in ("name", "lr") and val != defaults[k]}
-        by_lr = ", ".join(f"{lr}: {x['mean']:.1f}" for lr, x in v["val_by_lr"].items())
-        lines.append(f"| {name} | {', '.join(f'{k}={val}' for k, val in changed.items()) or 'plain fine-tuning'} | "
-                     f"{v['best_lr']:g} | {v['val']['mean']:.1f} ± {v['val']['std']:.1f} | "
-                     f"{v['test']['mean']:.1f} ± {v['test']['std']:.1f} | {by_lr} |")
+    firsts = {ds: next(iter(d["variants"].values())) for ds, d in datasets.items()}
+    lines = ["Every variant at its best learning rate by validation accuracy (test accuracy for reference, not used "
+             "to choose); " + "; ".join(f"{ds}: {d.get('setup', {}).get('model', 'resnet20')}, R={f['ratio']}, "
+                                        f"{f['epochs']} epochs, {len(f['seeds'])} seeds" for ds, (d, f) in
+                                        ((ds, (datasets[ds], firsts[ds])) for ds in datasets)) + ".", "",
+             "| variant | what changes | " + " | ".join(f"{ds}: best lr | {ds}: validation % | {ds}: test %"
+                                                       for ds in datasets) + " |",
+             "|---|---|" + "---|---|---|" * len(datasets)]
+    for name in sorted(names, key=order):
+        settings = next(d["variants"][name]["settings"] for d in datasets.values() if name in d["variants"])
+        changed = {k: v for k, v in settings.items() if k not in ("name", "lr") and v != defaults.get(k)}
+        cells = []
+        for d in datasets.values():
+            v = d["variants"].get(name)
+            cells += (["", "", ""] if v is None else
+                      [f"{v['best_lr']:g}", f"{v['val']['mean']:.1f} ± {v['val']['std']:.1f}",
+                       f"{v['test']['mean']:.1f} ± {v['test']['std']:.1f}"])
+        lines.append(f"| {name} | {', '.join(f'{k}={v}' for k, v in changed.items()) or 'plain fine-tuning'} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: the model each embedded dataset is benchmarked with unless --model says otherwise
+DEFAULT_MODELS = {"digits": "resnet20", "mnist1d": "cnn1d", "cifar10": "resnet56", "cifar100": "resnet56"}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet20")
-    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
+    parser.add_argument("--model", default=None, help="default: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_MODELS.items()))
     parser.add_argument("--data-dir")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dense-epochs", type=int, default=30)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.8, 0.9])
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 30])
-    parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=list(BASELINES))
+    parser.add_argument("--methods", nargs="+", default=list(GRID_DEFAULT), choices=list(GRID))
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
+    parser.add_argument("--paper-lr", type=float, default=0.01,
+                        help="also run every method at this one learning rate (0 to skip)")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sweep-seeds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
@@ -374,23 +476,29 @@ def main(argv=None):
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.ratios, args.budgets, args.seeds, args.sweep_seeds, args.lrs = [0.8], [1], 2, 1, [0.05, 0.1]
+        args.ratios, args.budgets, args.seeds, args.sweep_seeds, args.lrs = [0.8], [1], 1, 1, [0.05, 0.1]
         args.dense_epochs = 1
-    setup = Setup(model=args.model, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-                  dense_epochs=args.dense_epochs, device=args.device)
+    unknown = [d for d in args.datasets if args.model is None and d not in DEFAULT_MODELS]
+    if unknown:
+        parser.error(f"no default model for {unknown}: pass --model")
+    setups = [Setup(model=args.model or DEFAULT_MODELS[d], dataset=d, data_dir=args.data_dir,
+                    image_size=args.image_size, dense_epochs=args.dense_epochs, device=args.device)
+              for d in args.datasets]
     if args.study is not None:
         if args.ratios == parser.get_default("ratios"):
             args.ratios = [0.8]
-        return study(args, setup, args.study or list(STUDY))
-    result = grid(args, setup)
+        return study(args, setups, args.study or list(STUDY))
+    began = time.perf_counter()
+    combined = {"results": [grid(args, setup) for setup in setups], "machine": common.machine()}
+    combined["wall_time_s"] = time.perf_counter() - began
     name = args.name or ("recovery_quick" if args.quick else "recovery")
-    table = grid_markdown(result)
-    common.write(name, result, table)
-    grid_plot(result, common.RESULTS / f"{name}.png")
+    table = grid_markdown(combined)
+    common.write(name, combined, table)
+    grid_plot(combined, common.RESULTS / f"{name}.png")
     if args.update_readme:
         common.update_readme(name, table + f"\n\n![recovery](benchmarks/results/{name}.png)")
     print(table)
-    return result
+    return combined
 
 
 if __name__ == "__main__":
