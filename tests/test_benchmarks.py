@@ -1,4 +1,5 @@
 """The benchmarks reproduce from one command, and the README shows exactly what their JSON holds."""
+import dataclasses
 import json
 import re
 import sys
@@ -10,6 +11,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import common  # noqa: E402
+import mechanism  # noqa: E402
 import recovery  # noqa: E402
 import speed  # noqa: E402
 import zoo  # noqa: E402
@@ -61,7 +63,36 @@ def test_speed_quick_run(results_dir):
 
 def test_recovery_quick_run(results_dir):
     result = recovery.main(["--quick", "--workers", "1"])
+    assert [r["setup"]["dataset"] for r in result["results"]] == ["digits", "mnist1d"]
+    for data in result["results"]:
+        for row in data["rows"]:
+            assert set(row["methods"]) == set(row["paper"]) == set(recovery.GRID_DEFAULT)
+            assert all(m["lr"] == 0.01 for m in row["paper"].values())
     assert (results_dir / "recovery_quick.png").stat().st_size > 0
     table = (results_dir / "recovery_quick.md").read_text()
-    assert table == recovery.grid_markdown(result) + "\n"
+    assert table == recovery.grid_markdown(result) + "\n" and "Paper protocol" in table
     assert json.loads((results_dir / "recovery_quick.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_fusing_halfway_trains_the_expanded_then_the_fused_model(results_dir):
+    setup = recovery.Setup(dataset="mnist1d", model="cnn1d", dense_epochs=1)
+    method = recovery.Method("lop_fuse_half", lop=True, factor_lr_scale=0.5, fuse_at=0.5, lr=0.05)
+    run = recovery.run_one((setup, 0.8, method, 0, 4))
+    whole = recovery.run_one((setup, 0.8, dataclasses.replace(method, fuse_at=None), 0, 4))
+    assert len(run["train_ce"]) == 4 and run["train_ce"][:2] == whole["train_ce"][:2]  # same until the fuse
+    assert run["train_ce"][2:] != whole["train_ce"][2:]
+
+
+def test_mechanism_quick_run(results_dir):
+    result = mechanism.main(["--quick", "--datasets", "mnist1d", "--workers", "1"])
+    data = result["datasets"][0]
+    assert set(data["training"]) == {"vanilla", *(c.name for c in mechanism.CONFIGS)}
+    for name, rows in data["layers"].items():
+        assert len(rows) == 8  # cnn1d: 7 convs and the classifier
+        for row in rows:
+            assert 0 < row["gain_min"] <= row["gain_max"] and -1 <= row["cosine"] <= 1
+    plain = data["layers"]["t=1, factor lr 1"]
+    # orthonormal outer factors, every factor at the base rate: the kernel factor alone gives gain 1
+    assert all(abs(r["gains"][1] - 1) < 1e-5 and r["gain_min"] >= 1 - 1e-6 for r in plain)
+    assert all(r["beyond_first_order"] < 0.5 for r in plain)
+    assert (results_dir / "mechanism_quick.md").read_text() == mechanism.markdown(result) + "\n"
