@@ -62,7 +62,6 @@ class _Layer:
 MAX_LAYER_PARAMS = 2 ** 26
 MAX_BYTES = 2 ** 32
 MAX_SECONDS = 60.0
-LIMITS = ("max_params", "max_bytes", "max_seconds", "max_layer_params")
 
 
 @dataclasses.dataclass
@@ -311,15 +310,19 @@ def _options(planned, found, limits, params_before, copy_bytes, expansion, depth
         return best
 
     options = []
-    # a lower expansion for the largest layers only: the largest per-layer limit that fits
-    caps = sorted({p.cost.params for p in planned})[:-1]
+    # a lower expansion for the largest layers only: the largest per-layer limit that fits and still
+    # expands every layer (at least at expansion 1); the candidates are the layers' sizes at quarter steps
+    steps = [step / 4 for step in range(4, math.ceil(4 * expansion))]
+    floor = max(Planned.of(p.name, p.weight, p.groups, 1, depth).cost.params for p in planned)
+    top = max(p.cost.params for p in planned)
+    caps = sorted({size for p in planned for step in steps
+                   if floor <= (size := Planned.of(p.name, p.weight, p.groups, step, depth).cost.params) < top})
     found_cap = largest_fitting(caps, lambda cap: dict(expansion=expansion, max_layer_params=cap))
     if found_cap is not None:
-        cap, (result, reduced, dense) = found_cap
-        options.append(f"max_layer_params={cap:,} (a lower expansion for {len(reduced)} layers"
-                       f"{f', {len(dense)} left dense' if dense else ''}: {describe(result)})")
+        cap, (result, reduced, _) = found_cap
+        options.append(f"max_layer_params={cap:,} (a lower expansion for the {len(reduced)} largest layers: "
+                       f"{describe(result)})")
     # a lower expansion for every layer
-    steps = [step / 4 for step in range(4, math.ceil(4 * expansion))]
     found_step = largest_fitting(steps, lambda step: dict(expansion=step, max_layer_params=max_layer_params))
     if found_step is not None:
         options.append(f"expansion={found_step[0]:g} ({describe(found_step[1][0])})")
@@ -344,7 +347,7 @@ def _options(planned, found, limits, params_before, copy_bytes, expansion, depth
             options.append(f"exclude=[{shown}] ({describe(result)})")
             break
     needed = {"max_params": f"max_params={found['params']:,}", "max_bytes": f"max_bytes={math.ceil(found['bytes'] * 1.1):,}",
-              "max_seconds": f"max_seconds={_round_up(1.25 * sum(found['seconds'].values()))}"}
+              "max_seconds": f"max_seconds={_round_up(1.25 * sum(found['seconds'].values())):g}"}
     options.append(" and ".join(needed[k] for k in _over(found, limits)) + " (or None: no limit)")
     return options
 

@@ -73,8 +73,10 @@ def fuse_progress(layers: dict[str, ExpandedLayer]):
     costs = {name: linalg.compose_cost([f.shape for f in layer.factors], layer.groups, layer.kernel_index)
              for name, layer in layers.items()}
     work = sum(costs.values())
-    seconds = [costs[name] / linalg.rates_for(layer.factors[0].device, layer.factors[0].dtype, work).combine
-               for name, layer in layers.items()]
+    seconds = []
+    for name, layer in layers.items():
+        rates = linalg.rates_for(layer.factors[0].device, layer.factors[0].dtype, work)
+        seconds.append(costs[name] / rates.combine + 2 * sum(f.numel() for f in layer.factors) / rates.move)
     return progress(list(layers.items()), "fuse", seconds, list(layers))
 
 

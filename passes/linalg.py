@@ -216,6 +216,7 @@ class Cost:
     combine: int  #: multiply-adds in :func:`compute_dtype` of the rest of :func:`factorize`
     fuse: int  #: multiply-adds in :func:`compute_dtype` of composing the factors back (:func:`compose_exact`)
     temporary: int  #: bytes of the largest temporaries of either, on the weight's device
+    moved: tuple[int, int] = (0, 0)  #: entries converted or copied to a new layout: factorize, fuse
 
 
 def _kernel_contraction(out: int, rows: int, cols: int, inp: int, taps: int, post: bool, pre: bool) -> tuple[int, int]:
@@ -286,9 +287,13 @@ def factorize_cost(weight_shape: Sequence[int], groups: int, shapes: Sequence[Se
                        + precise * (drawn + 2 * o * i * taps + i * i + o * o + middle + e2 * e1 * taps)
                        + dtype.itemsize * e2 * e1 * taps)
     fuse_bytes = precise * (params + fuse_middle + o * i * taps)
+    # casts to and from the compute dtype, and the kernel's two changes of layout in compose
+    kernel = e2 * e1 * taps
+    moved = (drawn + 2 * o * i * taps + 3 * kernel + middle, params + kernel + fuse_middle + 2 * o * i * taps)
     return Cost(params=groups * params, drawn=groups * drawn,
                 draw_macs=groups * sum(_orthonormal_macs(r, c) for r, c in outer),
-                combine=groups * combine, fuse=groups * fuse, temporary=groups * max(factorize_bytes, fuse_bytes))
+                combine=groups * combine, fuse=groups * fuse, temporary=groups * max(factorize_bytes, fuse_bytes),
+                moved=(groups * moved[0], groups * moved[1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,13 +303,15 @@ class Rates:
     draw: float
     draw_macs: float
     combine: float
-    #: seconds per layer besides the arithmetic (graph rewrite, copies, Python)
-    overhead: float = 2e-3
+    move: float = math.inf  #: entries per second copied to a new layout, in the compute dtype
+    #: seconds per layer besides the arithmetic (graph rewrite, small tensors, Python): expand, fuse
+    overhead: tuple[float, float] = (6e-3, 2e-3)
 
     def seconds(self, cost: Cost) -> tuple[float, float]:
         """Estimated seconds to factorize a layer of this cost, and to fuse it back."""
         return (cost.drawn / self.draw + cost.draw_macs / self.draw_macs + cost.combine / self.combine
-                + self.overhead, cost.fuse / self.combine + self.overhead)
+                + cost.moved[0] / self.move + self.overhead[0],
+                cost.fuse / self.combine + cost.moved[1] / self.move + self.overhead[1])
 
 
 def rates_for(device: torch.device | str, dtype: torch.dtype, work: float) -> Rates:
@@ -314,15 +321,15 @@ def rates_for(device: torch.device | str, dtype: torch.dtype, work: float) -> Ra
 
 
 #: what :func:`rates` assumes without measuring: a slow CPU core (for work too small to be worth a measurement)
-NOMINAL_RATES = Rates(draw=5e7, draw_macs=5e9, combine=2.5e9)
+NOMINAL_RATES = Rates(draw=5e7, draw_macs=5e9, combine=2.5e9, move=2e8)
 _RATES: dict[tuple, Rates] = {}
 
 
 def rates(device: torch.device | str, dtype: torch.dtype = torch.float32) -> Rates:
     """The :class:`Rates` of ``device`` for weights of ``dtype``, measured once per process (and CPU
-    thread count) in a few hundredths of a second: Gaussian draws, and one matrix product in each dtype
+    thread count) in a few hundredths of a second: Gaussian draws, one matrix product in each dtype
     (512 wide on a CPU, 2048 on an accelerator: below the speed of the largest layers, so estimates err
-    long).  The meta device computes nothing: only the overhead counts there."""
+    long), and a transposing copy.  The meta device computes nothing: only the overhead counts there."""
     device = torch.device(device)
     if device.type == "meta":
         return Rates(math.inf, math.inf, math.inf)
@@ -352,7 +359,9 @@ def rates(device: torch.device | str, dtype: torch.dtype = torch.float32) -> Rat
             draw_macs = width ** 3 / best(lambda: square @ square)
             square = square.to(precise)
             combine = width ** 3 / best(lambda: square @ square)
-        _RATES[key] = Rates(drawn, draw_macs, combine)
+            block = torch.randn(count, generator=source, dtype=draw, device=device).to(precise).view(-1, 1024)
+            move = count / best(lambda: block.mT.contiguous())
+        _RATES[key] = Rates(drawn, draw_macs, combine, move)
     return _RATES[key]
 
 
