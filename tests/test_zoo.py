@@ -6,6 +6,7 @@ two are expanded dense; the test checks that the others really were pruned.  ViT
 head settings (``num_heads``): torch-pruning shrinks its MLP and head dims, not the embedding width.
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -135,3 +136,14 @@ def test_zoo_table_traced_column_matches_symbolic_trace(name):
     except Exception:  # whatever broke tracing, the table must say it did not trace
         traced = False
     assert traced == bool(_zoo_rows()[name].get("traced"))
+
+
+def test_zoo_default_cell_reads_a_real_refusal():
+    model = nn.Sequential(nn.Linear(16, 96), nn.ReLU(), nn.Linear(96, 4))
+    with pytest.raises(fxlop.ExpansionError) as refused:
+        fxlop.expand(model, max_seconds=1e-6)
+    cell = zoo._default_cell({"refused_s": 0.3, "refusal": str(refused.value)})
+    assert re.fullmatch(r"refused in 0\.3 s \(max_seconds; est\. [\d.]+ [MG]B, [\d.]+ s\)", cell), cell
+    within = {"expand_s": 20.0, "fuse_s": 10.0, "peak_rss": 2e9, "estimate": {"seconds": {"expand": 25, "fuse": 9}}}
+    assert zoo.within_bound(within) and zoo._default_cell(within) == "yes (est. 34 s)"
+    assert not zoo.within_bound({**within, "fuse_s": 41.0}) and not zoo.within_bound({**within, "peak_rss": 9e9})
