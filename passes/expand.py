@@ -127,6 +127,9 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
     began = time.perf_counter()
     layers, skipped = _find_layers(gm)
     is_included, is_excluded = selector(include), selector(exclude)
+    parameter_names: dict[int, list[str]] = {}
+    for name, param in gm.named_parameters(remove_duplicate=False):
+        parameter_names.setdefault(id(param), []).append(name)
     chosen = []
     for layer in layers.values():
         if is_included is not None and not is_included(layer.name, layer.module_type):
@@ -134,7 +137,7 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
         elif is_excluded is not None and is_excluded(layer.name, layer.module_type):
             skipped[layer.name] = "matched by exclude"
         else:
-            reason = _unexpandable(gm, layer)
+            reason = _unexpandable(gm, layer, parameter_names)
             if reason is None:
                 chosen.append(layer)
             else:
@@ -180,16 +183,24 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
 
 
 def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, depth: int,
-         max_layer_params: int | None) -> tuple[list[Planned], list[dict], dict[str, str]]:
+         max_layer_params: int | None, cache: dict | None = None) -> tuple[list[Planned], list[dict], dict[str, str]]:
     """The factor shapes and costs of ``(name, weight, groups)`` layers, with the wide-layer policy.
 
     Returns the layers to expand; the ``"reduced"`` report (layers given a lower expansion because
     their factors would exceed ``max_layer_params`` parameters); and the layers left dense, with the
     reason.  Shapes only: nothing is allocated.  Shared by the traced and the module-swap expansion.
+    ``cache`` keeps the plans of layers at expansions already seen (for repeated planning).
     """
+    cache = {} if cache is None else cache
+
+    def at(name, weight, groups, expansion) -> Planned:
+        if (name, expansion) not in cache:
+            cache[name, expansion] = Planned.of(name, weight, groups, expansion, depth)
+        return cache[name, expansion]
+
     planned, reduced, dense = [], [], {}
     for name, weight, groups in layers:
-        item = Planned.of(name, weight, groups, expansion, depth)
+        item = at(name, weight, groups, expansion)
         if max_layer_params is None or item.cost.params <= max_layer_params:
             planned.append(item)
             continue
@@ -198,17 +209,17 @@ def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, d
         low, high = 0, len(steps)
         while low < high:
             middle = (low + high) // 2
-            if Planned.of(name, weight, groups, steps[middle], depth).cost.params <= max_layer_params:
+            if at(name, weight, groups, steps[middle]).cost.params <= max_layer_params:
                 high = middle
             else:
                 low = middle + 1
         if low == len(steps):
-            at_one = Planned.of(name, weight, groups, 1, depth).cost.params
+            at_one = at(name, weight, groups, 1).cost.params
             dense[name] = (f"its factors would hold {item.cost.params:,} parameters at expansion {expansion:g} and "
                            f"{at_one:,} even at expansion 1, over max_layer_params={max_layer_params:,}: left dense "
                            f"(raise max_layer_params, or None, to expand it)")
             continue
-        lower = Planned.of(name, weight, groups, steps[low], depth)
+        lower = at(name, weight, groups, steps[low])
         planned.append(lower)
         reduced.append({"name": name, "expansion": lower.expansion, "params": lower.cost.params,
                         "reason": f"its factors would hold {item.cost.params:,} parameters at expansion "
@@ -286,11 +297,12 @@ def _options(planned, found, limits, params_before, copy_bytes, expansion, depth
     """Settings under which the same call fits the limits (found by arithmetic on shapes and the measured
     speeds, nothing allocated)."""
     layers = [(p.name, p.weight, p.groups) for p in planned]
+    cache = {}
 
     def replan(**settings) -> tuple[dict | None, list, dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            items, reduced, dense = plan(layers, depth=depth, **settings)
+            items, reduced, dense = plan(layers, depth=depth, cache=cache, **settings)
         result = estimate(items, params_before=params_before, copy_bytes=copy_bytes)
         return (None if _over(result, limits) else result), reduced, dense
 
@@ -313,10 +325,11 @@ def _options(planned, found, limits, params_before, copy_bytes, expansion, depth
     # a lower expansion for the largest layers only: the largest per-layer limit that fits and still
     # expands every layer (at least at expansion 1); the candidates are the layers' sizes at quarter steps
     steps = [step / 4 for step in range(4, math.ceil(4 * expansion))]
-    floor = max(Planned.of(p.name, p.weight, p.groups, 1, depth).cost.params for p in planned)
+    sizes = {(p.name, step): Planned.of(p.name, p.weight, p.groups, step, depth) for p in planned for step in steps}
+    cache.update(sizes)
+    floor = max((sizes[p.name, 1.0].cost.params for p in planned), default=0) if steps else math.inf
     top = max(p.cost.params for p in planned)
-    caps = sorted({size for p in planned for step in steps
-                   if floor <= (size := Planned.of(p.name, p.weight, p.groups, step, depth).cost.params) < top})
+    caps = sorted({item.cost.params for item in sizes.values() if floor <= item.cost.params < top})
     found_cap = largest_fitting(caps, lambda cap: dict(expansion=expansion, max_layer_params=cap))
     if found_cap is not None:
         cap, (result, reduced, _) = found_cap
@@ -473,8 +486,9 @@ def _parameter(gm: fx.GraphModule, node) -> nn.Parameter | None:
     return value
 
 
-def _unexpandable(gm: fx.GraphModule, layer: _Layer) -> str | None:
-    """Why ``layer`` cannot be expanded exactly, or None."""
+def _unexpandable(gm: fx.GraphModule, layer: _Layer, parameter_names: dict[int, list[str]]) -> str | None:
+    """Why ``layer`` cannot be expanded exactly, or None; ``parameter_names``: every name of each
+    parameter of ``gm`` by ``id``."""
     weight = layer.weight
     problem = weight_problem(weight) if layer.module is None else module_problem(layer.module)
     if problem is not None:
@@ -483,7 +497,7 @@ def _unexpandable(gm: fx.GraphModule, layer: _Layer) -> str | None:
     if len(groups) != 1:
         return f"call sites disagree on groups {sorted(groups)}"
     weight_name = layer.name if layer.module is None else f"{layer.name}.weight"
-    aliases = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight and n != weight_name]
+    aliases = [n for n in parameter_names.get(id(weight), []) if n != weight_name]
     if aliases:
         return f"its weight is tied to '{aliases[0]}'"
     site_nodes = {site.node for site in layer.sites}
