@@ -149,6 +149,13 @@ def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kern
     if generator is not None and (generator.device.type, generator.device.index or 0) != (device.type, device.index or 0):
         raise ValueError(f"factorize was given a generator on {generator.device} for a weight on {device}: the "
                          f"factors are drawn where the weight lives (see passes.linalg.generator)")
+    with _full_precision(device):
+        return _factorize(weight, groups, shapes, kernel_index, generator, balanced)
+
+
+def _factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kernel_index: int,
+               generator: torch.Generator | None, balanced: bool) -> list[Tensor]:
+    device, dtype = weight.device, weight.dtype
     precise = compute_dtype(device)
     blocks = grouped(weight.detach().to(precise), groups)  # (g, O, I, T)
     scale = 1.0
@@ -157,12 +164,10 @@ def factorize(weight: Tensor, groups: int, shapes: Sequence[Sequence[int]], kern
         if norm > 0:
             scale = norm ** (1 / len(shapes))
     held = {}  # index -> the outer factor as the model will hold it, (g, rows, cols)
-    with _ieee_float32():
-        for index, shape in enumerate(shapes):
-            if index != kernel_index:
-                drawn = orthonormal(shape[0] // groups, shape[1], generator, groups, dtype=draw_dtype(dtype),
-                                    device=device)
-                held[index] = (drawn * scale if scale != 1.0 else drawn).to(dtype)
+    for index, shape in enumerate(shapes):
+        if index != kernel_index:
+            drawn = orthonormal(shape[0] // groups, shape[1], generator, groups, dtype=draw_dtype(dtype), device=device)
+            held[index] = (drawn * scale if scale != 1.0 else drawn).to(dtype)
     pre = _chain_product([held[i].to(precise) for i in range(kernel_index)])  # (g, E1, I)
     post = _chain_product([held[i].to(precise) for i in range(kernel_index + 1, len(shapes))])  # (g, O, E2)
 
@@ -351,7 +356,7 @@ def rates(device: torch.device | str, dtype: torch.dtype = torch.float32) -> Rat
                 times.append(time.perf_counter() - began)
             return max(min(times), 1e-9)
 
-        with torch.no_grad(), _ieee_float32():
+        with torch.no_grad(), _full_precision(device):
             source = generator(0, device)
             count, width = 2 ** 20, 512 if device.type == "cpu" else 2048
             drawn = count / best(lambda: torch.randn(count, generator=source, dtype=draw, device=device))
@@ -366,12 +371,17 @@ def rates(device: torch.device | str, dtype: torch.dtype = torch.float32) -> Rat
 
 
 @contextlib.contextmanager
-def _ieee_float32():
-    """float32 matrix products at full precision (no TF32), as orthonormal factors need."""
+def _full_precision(device: torch.device):
+    """float32 matrix products at full precision (no TF32) and no autocast on ``device``, as exact
+    factors need: under a caller's bf16 autocast the float32 products would run in bf16."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        yield
+        if torch.amp.is_autocast_available(device.type):
+            with torch.autocast(device.type, enabled=False):
+                yield
+        else:
+            yield
     finally:
         torch.set_float32_matmul_precision(previous)
 
@@ -424,7 +434,7 @@ def compose(factors: Sequence[Tensor], groups: int, kernel_index: int, order: st
 def compose_exact(factors: Sequence[Tensor], groups: int, kernel_index: int) -> Tensor:
     """:func:`compose` in :func:`compute_dtype` (float64), cast back to the dtype and device of the
     factors; no autograd."""
-    with torch.no_grad():
-        first = factors[0]
+    first = factors[0]
+    with torch.no_grad(), _full_precision(first.device):
         weight = compose([f.detach().to(compute_dtype(first.device)) for f in factors], groups, kernel_index)
         return weight.to(dtype=first.dtype, device=first.device)
