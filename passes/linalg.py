@@ -196,7 +196,8 @@ def _solve_gram(gram: Tensor, rhs: Tensor, dtype: torch.dtype) -> Tensor:
     term leaves ``||E||^2`` (1e-12 in float32), two ``||E||^3`` for bfloat16: far below the roundoff of
     the kernel in that dtype.  Matrix products only (no factorization), and no value leaves the device."""
     scale = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)[:, None, None]
-    deviation = gram / scale - torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    deviation = gram / scale
+    deviation.diagonal(dim1=-2, dim2=-1).sub_(1.0)
     result = term = rhs
     for _ in range(2 if torch.finfo(dtype).eps > 1e-3 else 1):
         term = -(deviation @ term)
