@@ -138,6 +138,22 @@ def test_zoo_table_traced_column_matches_symbolic_trace(name):
     assert traced == bool(_zoo_rows()[name].get("traced"))
 
 
+def test_zoo_table_shows_every_model_within_the_bound_or_refused_at_once():
+    """Issue 13: at default settings, expand + fuse of every traceable model finishes within 60 s and
+    8 GB of peak resident memory on the benchmark machine, or is refused at once with the estimate and
+    the options that fit.  The rows must have been measured with the bound in place
+    (``python benchmarks/zoo.py --update-readme``)."""
+    for name, row in _zoo_rows().items():
+        if not row.get("traced"):
+            continue
+        assert "peak_rss" in row, f"{name}: measured before the bound existed: rerun benchmarks/zoo.py"
+        if "refused_s" in row:
+            assert row["refused_s"] < 5 and "Options that fit: " in row["refusal"], name
+        else:
+            assert zoo.within_bound(row), (f"{name}: expand {row['expand_s']:.0f} s + fuse {row['fuse_s']:.0f} s, "
+                                           f"peak {row['peak_rss'] / 1e9:.1f} GB")
+
+
 def test_zoo_default_cell_reads_a_real_refusal():
     model = nn.Sequential(nn.Linear(16, 96), nn.ReLU(), nn.Linear(96, 4))
     with pytest.raises(fxlop.ExpansionError) as refused:
