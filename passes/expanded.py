@@ -45,6 +45,11 @@ def chain_plan(call: Call, depth: int, kernel_index: int, mode: str) -> list[Ste
     return [Step(call if i == kernel_index else call.pointwise(), i, i == depth - 1) for i in range(depth)]
 
 
+#: factors above this size (all of one layer's together) are composed on every eval call instead of
+#: cached with a copy of themselves
+CACHE_MAX_BYTES = 8 * 2**20
+
+
 class KernelComposer(nn.Module):
     """Composes a chain's factors into one weight inside the graph (the ``online`` mode).
 
@@ -53,8 +58,11 @@ class KernelComposer(nn.Module):
     dtype, device and shape).  Nothing that changes a factor can serve a stale kernel: optimizer
     steps, ``load_state_dict``, writes through ``p.data`` (which do not bump ``p._version``),
     ``p.data = other`` (even at a recycled address) and ``.to(dtype)`` all show in the comparison.
-    The copy holds as much memory as the factors while the cache lives; training mode, autograd,
-    ``train()`` and ``.to()``/``.cuda()``/``.half()`` drop it, and so do ``copy``/``pickle``.
+    The copy holds as much memory as the factors while the cache lives, so only layers whose factors
+    take at most :data:`CACHE_MAX_BYTES` are cached (a ViT-B's would double its memory in eval for
+    little: a large layer's composition is small next to its own matmuls at usual batch sizes);
+    training mode, autograd, ``train()`` and ``.to()``/``.cuda()``/``.half()`` drop it, and so do
+    ``copy``/``pickle``.
 
     Why cache at all (eval inference, 2-core CPU, medians of 21 interleaved rounds, pruned 50 %):
     composing on every call took 10.8 vs 7.0 ms (checked cache) per batch of 1 on ResNet-20 and
@@ -77,7 +85,8 @@ class KernelComposer(nn.Module):
             return self._cache[1]
         self._cache = None  # free the old copy before taking a new one
         kernel = linalg.compose(factors, self.groups, self.kernel_index, self.order)
-        self._cache = (tuple(f.detach().clone() for f in factors), kernel)
+        if sum(f.numel() * f.element_size() for f in factors) <= CACHE_MAX_BYTES:
+            self._cache = (tuple(f.detach().clone() for f in factors), kernel)
         return kernel
 
     def train(self, mode: bool = True) -> KernelComposer:

@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from . import linalg
 from .expanded import parameter_count
 from .ops import MODULE_FUNCTIONS, SPATIAL_DIMS
 
@@ -19,7 +20,7 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs=None) -> fx.GraphModule:
     """Fold every ``conv -> BatchNorm`` (and ``linear -> BatchNorm1d``) module pair into the conv.
 
     The folded model computes what ``gm`` computes in eval mode (running statistics), so fold
-    only for deployment.  ``W' = W gamma / sigma``, ``b' = beta + (b - mu) gamma / sigma`` in float64.
+    only for deployment.  ``W' = W gamma / sigma``, ``b' = beta + (b - mu) gamma / sigma`` in float64 (float32 on MPS).
     A pair is left alone, with the reason in ``meta["fxlop"]["fold_bn"]``, when the conv or the
     BatchNorm is used anywhere else, the BatchNorm has no running statistics, or the dims do not
     fit.  ``linear -> BatchNorm1d`` is folded only where ``example_inputs`` show a 2-D output:
@@ -45,10 +46,13 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs=None) -> fx.GraphModule:
         if reason is not None:
             skipped.append({"name": source.target, "batchnorm": bn_node.target, "reason": reason})
             continue
-        weight, bias = fuse_conv_bn_weights(
-            layer.weight.double(), None if layer.bias is None else layer.bias.double(),
-            bn.running_mean.double(), bn.running_var.double(), bn.eps,
-            None if bn.weight is None else bn.weight.double(), None if bn.bias is None else bn.bias.double())
+        exact = linalg.compute_dtype(layer.weight.device)  # float64, float32 where the device has no float64
+
+        def wide(tensor):
+            return None if tensor is None else tensor.detach().to(exact)
+
+        weight, bias = fuse_conv_bn_weights(wide(layer.weight), wide(layer.bias), wide(bn.running_mean),
+                                            wide(bn.running_var), bn.eps, wide(bn.weight), wide(bn.bias))
         layer.weight = nn.Parameter(weight.detach().to(layer.weight.dtype), layer.weight.requires_grad)
         layer.bias = nn.Parameter(bias.detach().to(layer.weight.dtype), layer.weight.requires_grad)
         bn_node.replace_all_uses_with(source)

@@ -422,6 +422,23 @@ def test_kernel_cache_is_dropped_by_train_and_to():
         assert gm(x.double()).dtype == torch.float64
 
 
+def test_kernel_cache_holds_no_copy_of_large_factors(monkeypatch):
+    import passes.expanded
+
+    gm = _cached_model()
+    composer = gm.get_submodule("0.compose")
+    size = sum(f.numel() * f.element_size() for f in gm.get_submodule("0").factors)
+    x = torch.randn(1, 3, 6, 6)
+    monkeypatch.setattr(passes.expanded, "CACHE_MAX_BYTES", size - 1)
+    with torch.no_grad():
+        first = gm(x)
+        assert composer._cache is None and torch.equal(gm(x), first)  # composed again, same result
+    monkeypatch.setattr(passes.expanded, "CACHE_MAX_BYTES", size)
+    with torch.no_grad():
+        gm(x)
+    assert composer._cache is not None
+
+
 def test_kernel_cache_under_inference_mode():
     gm = _cached_model()
     layer = gm.get_submodule("0")
