@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS
+
     from .pipeline import DEFAULT_MODEL, DEFAULT_MODELS, METHODS, RunSettings
     from .train import FACTOR_LRS, SP_WEIGHTINGS
 
@@ -105,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     expand.add_argument("--exclude", nargs="+", help="qualified-name globs to leave alone")
     expand.add_argument("--seed", type=int, default=0)
     expand.add_argument("--max-params", type=int, help="refuse an expansion above this many parameters")
+    expand.add_argument("--max-bytes", type=_limit(int), default=MAX_BYTES,
+                        help="refuse an expansion estimated above this many bytes (float64 temporaries included; "
+                             "'none': no limit)")
+    expand.add_argument("--max-seconds", type=_limit(float), default=MAX_SECONDS,
+                        help="refuse an expansion estimated to take longer ('none': no limit)")
+    expand.add_argument("--max-layer-params", type=_limit(int), default=MAX_LAYER_PARAMS,
+                        help="a layer whose factors would hold more is expanded less, or left dense ('none': no limit)")
     expand.set_defaults(handler=_expand)
 
     fuse = commands.add_parser("fuse", help="fuse a saved expanded model back to its compact architecture")
@@ -124,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limit(kind):
+    """An argparse type for a limit: a number, or 'none' for no limit."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _run(args) -> int:
     from .pipeline import RunSettings, run
 
@@ -138,7 +155,8 @@ def _expand(args) -> int:
     from .models import load_model
 
     gm = expand(load_model(args.input), expansion=args.expansion, mode=args.mode, depth=args.depth,
-                include=args.include, exclude=args.exclude, seed=args.seed, max_params=args.max_params)
+                include=args.include, exclude=args.exclude, seed=args.seed, max_params=args.max_params,
+                max_bytes=args.max_bytes, max_seconds=args.max_seconds, max_layer_params=args.max_layer_params)
     report = gm.meta["fxlop"]["expand"]
     torch.save(gm, args.output)
     print(f"expanded {len(report['expanded'])} layers ({report['params_before']:,} -> {report['params_after']:,} "

@@ -26,6 +26,7 @@ from .train import TrainConfig, evaluate, finetune, init_distributed
 from .verify import verify
 
 METHODS = ("auto", "vanilla", "sp", "lop", "lop_sp")
+LOP_METHODS = ("lop", "lop_sp")
 #: what ``--method auto`` fine-tunes and chooses from on the validation split
 AUTO_CANDIDATES = ("vanilla", "lop_sp")
 #: the model ``fxlop run`` uses for each embedded dataset unless ``--model`` says otherwise
@@ -214,11 +215,20 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     say(f"pruned {settings.ratio:.0%}: {pruned.params_before:,} -> {pruned.params_after:,} parameters, "
         f"accuracy {100 * post_prune_accuracy:.2f} %")
 
+    # expanded once, before anything fine-tunes: a refused or failing expansion ends the job here
+    expanded = None
+    if any(m in LOP_METHODS for m in settings.methods):
+        expanded = expand(pruned.model, expansion=settings.expansion, mode=settings.mode, depth=settings.depth,
+                          init=settings.init, seed=settings.seed)
+        plan = expanded.meta["fxlop"]["expand"]
+        say(f"expanded {len(plan['expanded'])} layers: {plan['params_before']:,} -> {plan['params_after']:,} "
+            f"parameters for LOP's fine-tuning")
     results = {}
     for method in settings.methods:
         say(f"fine-tuning: {method}, {settings.epochs} epochs")
-        results[method] = _finetune_method(method, settings, dense, pruned.model, train_loader, val_loader,
-                                           test_loader, example, device, progress, out)
+        student = copy.deepcopy(expanded if method in LOP_METHODS else pruned.model)
+        results[method] = _finetune_method(method, settings, dense, pruned.model, student, train_loader,
+                                           val_loader, test_loader, example, device, progress, out)
     chosen, why = _choose(settings, results)
     if why:
         say(why)
@@ -304,11 +314,9 @@ def summary_table(report: dict) -> str:
     return table(rows, ["model", "validation %", "test %", "params", "MACs"])
 
 
-def _finetune_method(method, settings, dense, pruned, train_loader, val_loader, test_loader, example, device,
-                     progress, out) -> dict:
-    lop = method in ("lop", "lop_sp")
-    student = expand(pruned, expansion=settings.expansion, mode=settings.mode, depth=settings.depth,
-                     init=settings.init, seed=settings.seed) if lop else copy.deepcopy(pruned)
+def _finetune_method(method, settings, dense, pruned, student, train_loader, val_loader, test_loader, example,
+                     device, progress, out) -> dict:
+    lop = method in LOP_METHODS
     began = time.perf_counter()
     result = finetune(student, train_loader, teacher=dense, val_loader=val_loader or test_loader,
                       config=settings.train_config(method), device=device, progress=progress,

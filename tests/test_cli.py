@@ -106,6 +106,20 @@ def test_run_settings_are_checked_before_any_work(tmp_path, capsys, monkeypatch,
     assert len(err.strip().splitlines()) == 1 and err.startswith("fxlop: error: ") and message in err, err
 
 
+def test_expand_command_limits(tmp_path, capsys):
+    torch.save(build_model("resnet20", num_classes=10, in_channels=1).eval(), tmp_path / "model.pt")
+    args = ["expand", str(tmp_path / "model.pt"), str(tmp_path / "out.pt")]
+    assert main(args + ["--max-bytes", "1000"]) == 1  # refused before anything large is allocated
+    err = capsys.readouterr().err
+    assert err.startswith("fxlop: error: ") and "max_bytes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.pt").exists()
+    assert main(args + ["--max-layer-params", "2000", "--max-seconds", "none"]) == 0
+    layers = [m for m in torch.load(tmp_path / "out.pt", weights_only=False).modules()
+              if isinstance(m, passes.ExpandedLayer)]
+    sizes = [sum(f.numel() for f in layer.factors) for layer in layers]
+    assert layers and max(sizes) <= 2000 < 4 * 9 * 16 * 16 * 4  # a 16-wide 3x3 conv at r=4 would not fit
+
+
 def test_fuse_command_on_plain_and_eagerly_expanded_models(tmp_path, capsys):
     model = build_model("resnet20", num_classes=10, in_channels=1).eval()
     torch.save(model, tmp_path / "plain.pt")
