@@ -28,7 +28,7 @@ from .verify import verify
 METHODS = ("auto", "vanilla", "sp", "lop", "lop_sp")
 LOP_METHODS = ("lop", "lop_sp")
 #: what ``--method auto`` fine-tunes and chooses from on the validation split
-AUTO_CANDIDATES = ("vanilla", "lop_sp")
+AUTO_CANDIDATES = ("vanilla", "sp", "lop_sp")
 #: the model ``fxlop run`` uses for each embedded dataset unless ``--model`` says otherwise
 DEFAULT_MODELS = {"mnist1d": "cnn1d"}
 DEFAULT_MODEL = "resnet20"
@@ -59,8 +59,8 @@ class RunSettings:
     factor_weight_decay: float | None = None
     factor_lr_scale: float = 0.5
     factor_lr: str = "uniform"
-    gamma: float = 300.0
-    sp_weighting: str = "absolute"
+    gamma: float = 0.3  # relative: SP starts at 0.3 x the cross-entropy (the recovery study's choice)
+    sp_weighting: str = "relative"
     taps: list[str] | None = None
     tap_reduction: str = "mean"
     expansion: float = 4
