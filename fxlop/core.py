@@ -2,34 +2,36 @@
 from __future__ import annotations
 
 import copy
-import time
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 import passes
-from passes import linalg
-from passes.expand import (MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, check_budget, check_options, parameter_bytes, plan,
-                           progress)
-from passes.expanded import ExpandedLayer, module_problem, new_expanded_layer, parameter_count
+from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, check_options
+from passes.expanded import ExpandedLayer, parameter_count
 from passes.graph import set_attr
-from passes.ops import MODULE_FUNCTIONS, call_of_module
 from passes.select import Patterns, selector
 
 
-def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", include: Patterns = None,
-           exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
+def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float = 4, mode: str = "online",
+           include: Patterns = None, exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
            leaf_modules: Patterns = None, max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
            max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS,
            trace: bool = True) -> nn.Module:
     """Linearly over-parameterize every conv/linear of ``model``; its outputs do not change.
 
-    ``model`` is an ``nn.Module`` (traced with ``torch.fx`` symbolic tracing) or a GraphModule; it
-    is never modified.  Each ``nn.Conv1d/2d/3d``/``nn.Linear`` (and each ``F.conv*``/``F.linear``
-    whose weight is a parameter) becomes a chain ``1x1 -> k x k -> 1x1`` (or three linears) whose
-    product is the original weight: orthonormal outer factors, the middle one solved exactly in
-    float64.  Modules called at several places stay shared.  The factors are created on the device
-    and in the dtype of each weight.
+    ``model`` is an ``nn.Module`` (traced with ``torch.fx`` symbolic tracing), a GraphModule (a
+    ``torch.export`` program's ``.module()`` included) or a ``torch.export.ExportedProgram`` (expanded
+    as its ``.module()``, which shares the program's parameters); it is never modified.  Each
+    ``nn.Conv1d/2d/3d``/``nn.Linear``/Hugging Face ``Conv1D`` (and each ``F.conv*``/``F.linear`` whose
+    weight is a parameter, and each ``addmm``/``mm``/``matmul`` product ``x @ W`` on a 2-D parameter
+    or its transpose) becomes a chain ``1x1 -> k x k -> 1x1`` (or three linears) whose product is the
+    original weight: orthonormal outer factors, the middle one solved exactly in float64.  Modules
+    called at several places stay shared; tied weights (one parameter under two names, such as GPT-2's
+    ``lm_head`` and its token embedding) stay as they are.  The factors are created on the device and
+    in the dtype of each weight.  One driver decides, for both ways of expanding (a graph, or
+    ``trace=False``), what is expanded and why; :func:`report` gives its decisions.
 
     Bounded time and memory: before anything is allocated, each layer's parameters, bytes (float64
     temporaries included) and seconds (at speeds measured once on the model's device) are estimated.
@@ -39,6 +41,12 @@ def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", incl
     expansion is refused with :class:`ExpansionError` if it is over ``max_params``, ``max_bytes`` or
     ``max_seconds``; the message names the largest layer, the estimates and options that fit.  Pass
     ``None`` to lift a limit.
+
+    When symbolic tracing fails, ``expand`` raises :class:`TraceError` (naming the module, how to make
+    it a leaf, ``trace=False`` and ``torch.export``) rather than falling back to ``trace=False`` by
+    itself: the two give different kinds of model (a GraphModule, or a copy of the module), and
+    what comes next differs (``fuse(fold_bn=True)`` and ``distiller`` need a graph); the caller
+    chooses.
 
     Args:
         model: the (pruned) model.
@@ -56,31 +64,43 @@ def expand(model: nn.Module, *, expansion: float = 4, mode: str = "online", incl
         max_seconds: refuse an expansion estimated to take longer than this (default 60), expand and
             the fuse it will need, on the model's device.
         max_layer_params: the wide-layer limit above (default ``2**26``, 256 MiB of fp32 factors).
-        trace: ``False`` keeps ``model`` an ordinary module (no tracing, so control flow is fine):
-            a copy whose conv/linear modules are replaced by :class:`passes.ExpandedLayer` modules
-            that run the chain themselves; ``timm.utils.reparameterize_model`` or :func:`fuse`
-            turn them back.  Functional convs are not expanded then.
+        trace: ``False`` keeps ``model`` an ordinary module (no tracing, so control flow is fine,
+            Hugging Face models included): a copy whose conv/linear modules are replaced by
+            :class:`passes.ExpandedLayer` modules that run the chain themselves and still answer
+            ``weight``, ``bias`` and the constructor attributes; ``timm.utils.reparameterize_model``
+            or :func:`fuse` turn them back.  Functional convs and products are not expanded then.
 
     Returns:
-        A GraphModule (an ``nn.Module`` copy with ``trace=False``); :func:`report` gives what was
-        expanded, what was skipped and why, and the parameter counts before and after.
+        A GraphModule (also for an ExportedProgram: fine-tune it, :func:`fuse` it, and
+        ``torch.export.export`` the fused model for a program again); with ``trace=False`` an
+        ``nn.Module`` copy of ``model``.  :func:`report` gives what was expanded, what was skipped
+        and why, and the parameter counts before and after.
 
     Raises:
         TraceError: the model cannot be traced (names the module and how to make it a leaf).
         ExpansionError: invalid options, or an expansion over a limit.
     """
-    if not isinstance(model, nn.Module):
-        raise passes.FxlopError(f"expand takes an nn.Module or a GraphModule, got {type(model).__name__}")
-    limits = dict(max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
-                  max_layer_params=max_layer_params)
+    if not isinstance(trace, bool):
+        raise passes.ExpansionError(f"trace must be True or False, got {trace!r}")
+    if isinstance(model, torch.export.ExportedProgram):
+        if not trace:
+            raise passes.ExpansionError("an ExportedProgram is already a graph: expand it with trace=True (the "
+                                        "default), or pass the nn.Module it was exported from with trace=False")
+        model = model.module()
+    elif not isinstance(model, nn.Module):
+        raise passes.FxlopError(f"expand takes an nn.Module, a GraphModule or a torch.export.ExportedProgram, "
+                                f"got {type(model).__name__}")
+    options = dict(expansion=expansion, mode=mode, include=include, exclude=exclude, depth=depth, seed=seed,
+                   init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
+                   max_layer_params=max_layer_params)
     check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
                   max_layer_params=max_layer_params)
+    for patterns in (include, exclude, leaf_modules):
+        selector(patterns)  # a bad pattern is refused before any work
     if not trace:
-        return _expand_modules(model, expansion=expansion, mode=mode, include=include, exclude=exclude, depth=depth,
-                               seed=seed, init=init, **limits)
+        return passes.expand_modules(model, **options)
     gm = model if isinstance(model, fx.GraphModule) else passes.trace(model, leaf_modules=leaf_modules)
-    return passes.expand(gm, expansion=expansion, mode=mode, depth=depth, include=include,
-                         exclude=exclude, seed=seed, init=init, **limits)
+    return passes.expand(gm, **options)
 
 
 def report(model: nn.Module) -> dict:
@@ -88,70 +108,6 @@ def report(model: nn.Module) -> dict:
     if isinstance(model, fx.GraphModule):
         return model.meta.get("fxlop", {})
     return getattr(model, "fxlop_report", {})
-
-
-def _expand_modules(model, *, expansion, mode, include, exclude, depth, seed, init, **limits) -> nn.Module:
-    """Module-swap expansion: every expandable conv/linear module of a copy of ``model`` becomes an
-    ExpandedLayer (shared modules stay shared: each name that refers to one gets the same layer).
-    Planned and checked against the limits like the traced pass, before the copy is made."""
-    check_options(expansion, mode, depth, limits["max_params"], init, max_bytes=limits["max_bytes"],
-                  max_seconds=limits["max_seconds"], max_layer_params=limits["max_layer_params"])
-    began = time.perf_counter()
-    names = _module_names(model)
-    is_included, is_excluded = selector(include), selector(exclude)
-    weight_names = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        weight_names.setdefault(param, []).append(name)
-    chosen, skipped = [], []
-    for module, module_names in names.items():
-        name = module_names[0]
-        aliases = [n for n in weight_names[module.weight] if n.rpartition(".")[0] not in module_names]
-        reason = module_problem(module) or (f"its weight is tied to '{aliases[0]}'" if aliases else None)
-        if is_included is not None and not is_included(name, type(module)):
-            reason = "not matched by include"
-        elif is_excluded is not None and is_excluded(name, type(module)):
-            reason = "matched by exclude"
-        if reason is None:
-            chosen.append(name)
-        else:
-            skipped.append({"name": name, "reason": reason})
-    modules = {module_names[0]: module for module, module_names in names.items()}
-    planned, reduced, dense = plan([(n, modules[n].weight, call_of_module(modules[n]).groups) for n in chosen],
-                                   expansion=expansion, depth=depth, max_layer_params=limits["max_layer_params"])
-    skipped += [{"name": n, "reason": r} for n, r in dense.items()]
-    before = parameter_count(model)
-    estimate = check_budget(planned, params_before=before, copy_bytes=parameter_bytes(model), expansion=expansion,
-                            depth=depth, **limits)
-
-    model = copy.deepcopy(model)
-    names = {module_names[0]: module_names for module_names in _module_names(model).values()}
-    expanded = []
-    for item in progress(planned, "expand", [p.seconds[0] for p in planned], [p.name for p in planned]):
-        module = model.get_submodule(item.name)
-        layer = new_expanded_layer(module.weight, item.groups, item.shapes, item.kernel_index,
-                                   linalg.generator(seed, module.weight.device, item.name),
-                                   balanced=init == "balanced", module=module, mode=mode)
-        for name in names[item.name]:
-            set_attr(model, name, layer)
-        expanded.append({"name": item.name, "type": type(module).__name__, "origin": "module",
-                         "call_sites": None, "weight_shape": list(module.weight.shape), "expansion": item.expansion,
-                         "factor_shapes": [list(s) for s in item.shapes], "params_before": module.weight.numel(),
-                         "params_after": sum(f.numel() for f in layer.factors)})
-    model.fxlop_report = {"expand": {"expansion": expansion, "mode": mode, "depth": depth, "seed": seed,
-                                     "init": init, "traced": False, "expanded": expanded, "reduced": reduced,
-                                     "skipped": skipped, "params_before": before,
-                                     "params_after": parameter_count(model), "limits": limits,
-                                     "estimate": estimate, "seconds": time.perf_counter() - began}}
-    return model
-
-
-def _module_names(model: nn.Module) -> dict[nn.Module, list[str]]:
-    """Every expandable conv/linear module of ``model`` with all the names it goes by, in order."""
-    names: dict[nn.Module, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) in MODULE_FUNCTIONS:
-            names.setdefault(module, []).append(name)
-    return names
 
 
 def fuse(gm: nn.Module, *, fold_bn: bool = False, example_inputs=None) -> nn.Module:

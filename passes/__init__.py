@@ -3,11 +3,12 @@
 This package never imports :mod:`fxlop`; it knows nothing of training.
 """
 from .errors import ExpansionError, FusionError, FxlopError, SelectionError, TraceError
-from .expand import expand
-from .expanded import ExpandedLayer, KernelComposer
+from .expand import expand, expand_modules
+from .expanded import ExpandedLayer, KernelComposer, WeightRead
 from .fold_bn import fold_batchnorm
 from .fuse import fuse
 from .trace import trace
 
-__all__ = ["expand", "fuse", "fold_batchnorm", "trace", "ExpandedLayer", "KernelComposer",
+__all__ = ["expand", "expand_modules", "fuse", "fold_batchnorm", "trace", "ExpandedLayer", "KernelComposer",
+           "WeightRead",
            "FxlopError", "TraceError", "ExpansionError", "FusionError", "SelectionError"]

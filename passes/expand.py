@@ -1,12 +1,19 @@
-"""The expansion pass: every matched conv/linear becomes a chain of linear ops with the same product."""
+"""The expansion: every matched conv/linear becomes a chain of linear ops with the same product.
+
+One driver (:func:`_expand`) decides what is expanded and why (selection, weights, hooks, tied
+weights, groups, the wide-layer policy and the limits) and writes the report, for two thin back ends
+that each find layers their own way and put the expanded layer in place: :func:`expand` rewrites a
+graph, :func:`expand_modules` swaps modules of an ordinary ``nn.Module``.
+"""
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
+import operator
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from numbers import Real
 
 import torch
@@ -20,7 +27,8 @@ from .errors import ExpansionError
 from .graph import inserting_before_with_meta, set_attr
 from .expanded import (COMPOSED, MODES, ExpandedLayer, KernelComposer, chain_plan, module_problem, new_expanded_layer,
                        parameter_count, weight_problem)
-from .ops import FUNCTION_MODULES, MODULE_FUNCTIONS, SPATIAL_DIMS, Call, bind, call_of_module, call_of_node, emit
+from .ops import (FUNCTION_MODULES, MATMULS, SPATIAL_DIMS, Call, Product, as_linear, bind, call_of_module,
+                  call_of_node, emit, is_hf_conv1d, linear_like, matmul_problem, module_function, operands)
 from .select import Patterns, selector
 
 INITS = ("orthogonal", "balanced")
@@ -31,27 +39,60 @@ _TRANSPOSED = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 class _Site:
     node: fx.Node
     call: Call
+    product: Product | None = None  # for a matrix product read as linear
 
     # read from the node when needed: rewriting an earlier layer replaces the nodes they point to
     @property
     def input(self) -> fx.Node:
         if self.node.op == "call_module":
             return self.node.args[0] if self.node.args else self.node.kwargs["input"]
-        return bind(self.node)["input"]
+        return (operands if self.product else bind)(self.node)["input"]
 
     @property
     def bias(self) -> fx.Node | None:
         """The bias argument of a functional site; a module's bias lives in its ExpandedLayer."""
-        return None if self.node.op == "call_module" else bind(self.node).get("bias")
+        if self.node.op == "call_module":
+            return None
+        return (operands if self.product else bind)(self.node).get("bias")
+
+    def weight_nodes(self) -> list[fx.Node]:
+        """The nodes that bring a functional site its weight, nearest first (a transpose, the get_attr)."""
+        if self.node.op == "call_module":
+            return []
+        if self.product is not None:
+            return [n for n in (self.product.through, self.product.weight) if n is not None]
+        return [bind(self.node)["weight"]]
 
 
 @dataclasses.dataclass
 class _Layer:
+    """A conv/linear layer that may be expanded, as discovery found it (in a graph or a module tree)."""
     name: str
-    module_type: type
-    weight: torch.Tensor
-    module: nn.Module | None  # None for the weight of functional calls
-    sites: list[_Site] = dataclasses.field(default_factory=list)
+    module_type: type  # for include/exclude and the report (the module type of a functional call)
+    weight: torch.Tensor  # as stored
+    module: nn.Module | None  # None for the weight of functional calls and matrix products
+    names: list[str] = dataclasses.field(default_factory=list)  # every name the module goes by
+    sites: list[_Site] = dataclasses.field(default_factory=list)  # graph call sites, in graph order
+    transposed: bool = False  # the weight is stored (in, out): x @ W, Hugging Face's Conv1D
+    reads: int | None = None  # graph nodes that read the weight outside the call sites (None: not known)
+    problem: str | None = None  # why it cannot be expanded, as only discovery can tell
+
+    def __post_init__(self):
+        if self.module is not None:
+            self.transposed = is_hf_conv1d(self.module)
+
+    @property
+    def groups(self) -> int:
+        return call_of_module(self.module).groups if self.module is not None else self.sites[0].call.groups
+
+    @property
+    def linear_weight(self) -> torch.Tensor:
+        """The weight in the ``(out, in, k...)`` layout the factors compose (a view, nothing copied)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def own_names(self) -> set[str]:
+        """The parameter names under which the weight is this layer's own (not tied to another)."""
+        return {f"{n}.weight" for n in self.names} if self.module is not None else {self.name}
 
 
 #: Default limits of :func:`expand`.  A layer whose factors would hold more than ``MAX_LAYER_PARAMS``
@@ -83,19 +124,7 @@ class Planned:
         return cls(name, weight, groups, expansion, shapes, kernel_index, cost)
 
 
-def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", depth: int = 3,
-           include: Patterns = None, exclude: Patterns = None, seed: int = 0, init: str = "orthogonal",
-           max_params: int | None = None, max_bytes: int | None = MAX_BYTES, max_seconds: float | None = MAX_SECONDS,
-           max_layer_params: int | None = MAX_LAYER_PARAMS) -> fx.GraphModule:
-    """Rewrite every expandable conv/linear of ``gm`` into a chain whose product is its weight.
-
-    Returns a new GraphModule (``gm`` is not changed) whose outputs equal ``gm``'s up to rounding,
-    with a report in ``meta["fxlop"]["expand"]``.  Matched: ``nn.Conv1d/2d/3d`` and ``nn.Linear``
-    modules and ``F.conv1d/2d/3d``/``F.linear`` calls whose weight is a ``get_attr`` parameter.
-    Everything else conv-like is left as it is and reported with the reason.  Layers that are
-    already expanded are left alone, so expanding twice changes nothing more.  Factors are created on
-    each weight's device and in its dtype (see :func:`passes.linalg.factorize`).
-
+_OPTIONS_DOC = """
     Bounded by default: before anything is allocated, every layer's parameters, bytes and seconds are
     estimated (:func:`plan`, :func:`check_budget`).  A layer whose factors would exceed
     ``max_layer_params`` gets the largest expansion (in steps of 1/4, at least 1) that fits, listed in
@@ -109,7 +138,8 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
             model's cost); ``"chain"`` runs one op per factor.  Same function, same gradients.
         depth: number of linear ops in each chain (``>= 2``).
         include, exclude: qualified-name globs or module types; functional calls match the module type
-            of their functional (``F.conv2d`` ~ ``nn.Conv2d``) and the name of their weight.
+            of their functional (``F.conv2d`` ~ ``nn.Conv2d``, products ~ ``nn.Linear``) and the name of
+            their weight.
         seed: seed of the random orthonormal outer factors; each layer draws from a generator on its
             weight's device seeded by ``seed`` and its name, so its factors do not depend on which other
             layers are expanded.  Reproducible per device type (CPU and CUDA draw different numbers).
@@ -121,65 +151,140 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
         max_seconds: refuse an expansion estimated to take longer than this (default 60) for ``expand``
             and a later ``fuse``, at speeds measured on the model's device (once per process).
         max_layer_params: the per-layer limit of the wide-layer policy above (default ``2**26``).
+"""
+
+
+def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", depth: int = 3,
+           include: Patterns = None, exclude: Patterns = None, seed: int = 0, init: str = "orthogonal",
+           max_params: int | None = None, max_bytes: int | None = MAX_BYTES, max_seconds: float | None = MAX_SECONDS,
+           max_layer_params: int | None = MAX_LAYER_PARAMS) -> fx.GraphModule:
+    """Rewrite every expandable conv/linear of ``gm`` into a chain whose product is its weight.
+
+    The graph back end of the expansion driver (:func:`expand_modules` is the other; both decide
+    what is expanded, and report it, with the same code).  Returns a new GraphModule (``gm`` is not
+    changed) whose outputs equal ``gm``'s up to rounding, with a report in ``meta["fxlop"]["expand"]``.
+    Matched: ``nn.Conv1d/2d/3d``, ``nn.Linear`` and Hugging Face ``Conv1D`` modules; ``F.conv1d/2d/3d``
+    and ``F.linear`` calls (and their ``aten`` ops in ``torch.export`` graphs) whose weight is a
+    ``get_attr`` parameter; and ``addmm``/``mm``/``matmul`` products ``x @ W`` of a 2-D parameter
+    ``W`` or of its transpose, rewritten as ``linear`` (and fused back to a parameter of ``W``'s shape).
+    Other nodes that read a weight (``w.dtype``, ``w * mask``) read the composed weight instead
+    (``<layer>.read``); in-place writes to it keep the layer dense.  Everything else conv-like is left
+    as it is and reported with the reason.  Layers that are already expanded are left alone, so
+    expanding twice changes nothing more.  Factors are created on each weight's device and in its
+    dtype (see :func:`passes.linalg.factorize`).
     """
+    return _expand(gm, _GRAPH, expansion=expansion, mode=mode, depth=depth, include=include, exclude=exclude,
+                   seed=seed, init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
+                   max_layer_params=max_layer_params)
+
+
+def expand_modules(model: nn.Module, *, expansion: float = 4, mode: str = "online", depth: int = 3,
+                   include: Patterns = None, exclude: Patterns = None, seed: int = 0, init: str = "orthogonal",
+                   max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
+                   max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS) -> nn.Module:
+    """Expand without a graph: a copy of ``model`` whose expandable conv/linear modules are replaced by
+    :class:`ExpandedLayer` modules that run the chain themselves (control flow in ``forward`` is fine).
+
+    The module-swap back end of the expansion driver: the same selection, limits and report as
+    :func:`expand` (in the copy's ``fxlop_report["expand"]``), from the module tree instead of a
+    graph.  Shared modules stay shared (every name that refers to one gets the same layer).  What a
+    module tree cannot show: functional calls and products on parameters are not expanded, and
+    neither found nor reported; reads of an expanded layer's ``weight`` by other code are answered
+    with the composed weight (:attr:`ExpandedLayer.weight`), writes to it raise.
+    """
+    return _expand(model, _MODULES, expansion=expansion, mode=mode, depth=depth, include=include, exclude=exclude,
+                   seed=seed, init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
+                   max_layer_params=max_layer_params)
+
+
+expand.__doc__ += _OPTIONS_DOC
+expand_modules.__doc__ += _OPTIONS_DOC
+
+
+@dataclasses.dataclass(frozen=True)
+class _BackEnd:
+    """How one kind of model is expanded: find its layers, put an expanded layer in place, finish."""
+    traced: bool
+    find: Callable[[nn.Module], tuple[dict[str, _Layer], dict[str, str]]]
+    replace: Callable[[nn.Module, _Layer, ExpandedLayer, str], None]
+    finish: Callable[[nn.Module, dict], nn.Module]
+
+
+def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, mode, depth, include, exclude, seed, init,
+            max_params, max_bytes, max_seconds, max_layer_params) -> nn.Module:
+    """The expansion driver: what to expand and why, the limits, the copy, the report; ``back_end``
+    does the rest."""
+    limits = dict(max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
+                  max_layer_params=max_layer_params)
     check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
                   max_layer_params=max_layer_params)
     began = time.perf_counter()
-    layers, skipped = _find_layers(gm)
-    is_included, is_excluded = selector(include), selector(exclude)
-    parameter_names: dict[int, list[str]] = {}
-    for name, param in gm.named_parameters(remove_duplicate=False):
-        parameter_names.setdefault(id(param), []).append(name)
-    chosen = []
-    for layer in layers.values():
-        if is_included is not None and not is_included(layer.name, layer.module_type):
-            skipped[layer.name] = "not matched by include"
-        elif is_excluded is not None and is_excluded(layer.name, layer.module_type):
-            skipped[layer.name] = "matched by exclude"
-        else:
-            reason = _unexpandable(gm, layer, parameter_names)
-            if reason is None:
-                chosen.append(layer)
-            else:
-                skipped[layer.name] = reason
+    layers, skipped = back_end.find(model)
+    chosen = _choose(model, layers, skipped, include, exclude)
 
-    # everything is planned and checked on the caller's graph, before the copy and any factor exists
-    limits = dict(max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
-                  max_layer_params=max_layer_params)
-    planned, reduced, dense = plan([(layer.name, layer.weight, layer.sites[0].call.groups) for layer in chosen],
+    # everything is planned and checked on the caller's model, before the copy and any factor exists
+    planned, reduced, dense = plan([(layer.name, layer.linear_weight, layer.groups) for layer in chosen],
                                    expansion=expansion, depth=depth, max_layer_params=max_layer_params)
     skipped.update(dense)
-    params_before = parameter_count(gm)
-    estimate = check_budget(planned, params_before=params_before, copy_bytes=parameter_bytes(gm),
+    params_before = parameter_count(model)
+    estimate = check_budget(planned, params_before=params_before, copy_bytes=parameter_bytes(model),
                             expansion=expansion, depth=depth, **limits)
 
-    gm = copy.deepcopy(gm)
-    layers, _ = _find_layers(gm)
+    model = copy.deepcopy(model)
+    layers, _ = back_end.find(model)
     expanded = []
     for item in progress(planned, "expand", [p.seconds[0] for p in planned], [p.name for p in planned]):
         layer = layers[item.name]
         container = new_expanded_layer(layer.weight, item.groups, item.shapes, item.kernel_index,
                                        linalg.generator(seed, layer.weight.device, item.name),
-                                       balanced=init == "balanced", module=layer.module, mode=mode, in_graph=True)
-        set_attr(gm, layer.name, container)
-        _rewrite_sites(gm.graph, layer, container, mode)
+                                       balanced=init == "balanced", module=layer.module, mode=mode,
+                                       in_graph=back_end.traced, transposed_weight=layer.transposed)
+        back_end.replace(model, layer, container, mode)
         expanded.append({
             "name": layer.name, "type": layer.module_type.__name__,
             "origin": "module" if layer.module is not None else "functional",
-            "weight_shape": list(layer.weight.shape), "expansion": item.expansion,
-            "factor_shapes": [list(s) for s in item.shapes],
-            "call_sites": len(layer.sites), "params_before": layer.weight.numel(),
-            "params_after": sum(f.numel() for f in container.factors),
+            "weight_shape": list(layer.weight.shape), "transposed_weight": layer.transposed,
+            "expansion": item.expansion, "factor_shapes": [list(s) for s in item.shapes],
+            "call_sites": len(layer.sites) if back_end.traced else None, "weight_reads": layer.reads,
+            "params_before": layer.weight.numel(), "params_after": sum(f.numel() for f in container.factors),
         })
-    gm.graph.lint()
-    gm.recompile()
-    gm.meta.setdefault("fxlop", {})["expand"] = {
-        "expansion": expansion, "mode": mode, "depth": depth, "seed": seed, "init": init,
+    return back_end.finish(model, {
+        "expansion": expansion, "mode": mode, "depth": depth, "seed": seed, "init": init, "traced": back_end.traced,
         "expanded": expanded, "reduced": reduced, "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
-        "params_before": params_before, "params_after": parameter_count(gm),
+        "params_before": params_before, "params_after": parameter_count(model),
         "limits": limits, "estimate": estimate, "seconds": time.perf_counter() - began,
-    }
-    return gm
+    })
+
+
+def _choose(model: nn.Module, layers: dict[str, _Layer], skipped: dict[str, str], include: Patterns,
+            exclude: Patterns) -> list[_Layer]:
+    """The layers to expand, in discovery order; the others go to ``skipped`` with the reason.  The
+    same rules whatever found the layers: the selection, then the weight (dtype, values, lazy), hooks,
+    tied weights, what discovery found, and whether the channels divide into the groups."""
+    is_included, is_excluded = selector(include), selector(exclude)
+    parameter_names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        parameter_names.setdefault(id(param), []).append(name)
+    chosen = []
+    for layer in layers.values():
+        if is_included is not None and not is_included(layer.name, layer.module_type):
+            reason = "not matched by include"
+        elif is_excluded is not None and is_excluded(layer.name, layer.module_type):
+            reason = "matched by exclude"
+        else:
+            reason = weight_problem(layer.weight) if layer.module is None else module_problem(layer.module)
+            own = layer.own_names()
+            aliases = [n for n in parameter_names.get(id(layer.weight), []) if n not in own]
+            if reason is None and aliases:
+                reason = f"its weight is tied to '{aliases[0]}'"
+            reason = reason or layer.problem
+            if reason is None and layer.linear_weight.shape[0] % layer.groups:
+                reason = f"{layer.linear_weight.shape[0]} output channels do not divide into {layer.groups} groups"
+        if reason is None:
+            chosen.append(layer)
+        else:
+            skipped[layer.name] = reason
+    return chosen
 
 
 def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, depth: int,
@@ -417,29 +522,34 @@ def check_options(expansion, mode, depth, max_params, init, *, max_bytes=None, m
 
 
 def _find_layers(gm: fx.GraphModule) -> tuple[dict[str, _Layer], dict[str, str]]:
-    """The candidate layers by qualified name, with their call sites in graph order, and the
-    conv/linear-like nodes that are not candidates at all, with the reason."""
+    """Graph discovery: the candidate layers by qualified name, with their call sites in graph order
+    and what only the graph shows against them, and the conv/linear-like nodes and modules that are
+    not candidates at all, with the reason."""
     modules = dict(gm.named_modules())
+    aliases: dict[int, list[str]] = {}
+    for name, module in gm.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
     layers: dict[str, _Layer] = {}
     skipped: dict[str, str] = {}
     broken: set[str] = set()  # layers with one call site that cannot be rewritten
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = modules[node.target]
-            if type(module) in MODULE_FUNCTIONS:
-                layer = layers.setdefault(node.target, _Layer(node.target, type(module), module.weight, module))
+            if isinstance(module, ExpandedLayer):
+                skipped[node.target] = "already expanded"
+            elif module_function(module) is not None:
+                layer = layers.setdefault(node.target, _Layer(node.target, type(module), module.weight, module,
+                                                              aliases[id(module)]))
                 layer.sites.append(_Site(node, call_of_module(module)))
             elif isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
                 skipped[node.target] = weight_problem(module.weight)
             elif _looks_linear(module):
-                kind = f"{type(module).__module__}.{type(module).__qualname__}"
-                skipped[node.target] = (f"{kind} is not expandable (only nn.Conv1d/2d/3d and nn.Linear "
-                                        f"themselves, not subclasses, transposed, quantized or other layer types)")
+                skipped[node.target] = _not_expandable(module)
         elif node.op == "call_function" and node.target in SPATIAL_DIMS:
             bound = bind(node)
             weight = bound.get("weight")
             if _is_expanded(weight, modules):
-                skipped[weight.target.rsplit(".", 2)[0]] = "already expanded"
+                skipped[_expanded_name(weight)] = "already expanded"
                 continue
             param = _parameter(gm, weight)
             if param is None:
@@ -451,22 +561,152 @@ def _find_layers(gm: fx.GraphModule) -> tuple[dict[str, _Layer], dict[str, str]]
                 skipped[weight.target] = f"node '{node.name}' computes its conv options in the graph"
                 broken.add(weight.target)
                 continue
-            layer = layers.setdefault(weight.target, _Layer(weight.target, FUNCTION_MODULES[node.target], param, None))
+            layer = layers.setdefault(weight.target, _Layer(weight.target, FUNCTION_MODULES[node.target], param, None,
+                                                            [weight.target]))
             layer.sites.append(_Site(node, call))
+        elif node.op == "call_function" and node.target in MATMULS:
+            _find_product(gm, node, modules, layers, skipped, broken)
         elif node.op == "call_function" and node.target in _TRANSPOSED:
             skipped[node.name] = "transposed convolutions are not expandable"
     for name in broken:
         layers.pop(name, None)
+    called = {n.target for n in gm.graph.find_nodes(op="call_module")}
+    for layer in layers.values():
+        layer.problem, layer.reads = _graph_problem(gm, layer, called)
+    expanded = tuple(f"{n}." for n, m in modules.items() if isinstance(m, ExpandedLayer))
+    for name, module in modules.items():
+        if (name in layers or name in skipped or f"{name}.weight" in layers or name.startswith(expanded)
+                or not (module_function(module) or _looks_linear(module))):
+            continue
+        leaf = next((c for c in called if name.startswith(c + ".")), None)
+        skipped[name] = ("never called by the graph" if leaf is None else
+                         f"inside leaf module '{leaf}', which is not traced")
     return layers, skipped
 
 
+def _find_product(gm: fx.GraphModule, node: fx.Node, modules: dict, layers: dict[str, _Layer],
+                  skipped: dict[str, str], broken: set[str]) -> None:
+    """Discovery of one ``addmm``/``mm``/``matmul`` node: a linear layer when its right operand is a 2-D
+    parameter (or its transpose); a product of activations is not a layer and not reported."""
+    product = as_linear(node)
+    if product is None:
+        left = operands(node).get("input")
+        if _parameter(gm, left) is not None:
+            skipped[left.target] = (f"{getattr(node.target, '__name__', node.target)} at node '{node.name}' "
+                                    f"multiplies by the parameter from the left (W @ x), not as a linear layer does")
+        return
+    if _is_expanded(product.weight, modules):
+        skipped[_expanded_name(product.weight)] = "already expanded"
+        return
+    target = product.weight.target
+    param = _parameter(gm, product.weight)
+    if param is None:
+        skipped[target] = (f"{getattr(node.target, '__name__', node.target)} at node '{node.name}': its weight is "
+                           f"not a parameter")
+        return
+    bias = product.bias
+    bias_value = _tensor(gm, bias) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+    problem = matmul_problem(node, product, param, bias_value)
+    if problem is None and target in layers and layers[target].transposed != product.transposed:
+        problem = f"node '{node.name}' uses the weight in the other orientation than its other call sites"
+    if problem is not None:
+        skipped[target] = problem
+        broken.add(target)
+        return
+    layer = layers.setdefault(target, _Layer(target, nn.Linear, param, None, [target], transposed=product.transposed))
+    layer.sites.append(_Site(node, Call(linear_like(node.target)), product))
+
+
+def _find_modules(model: nn.Module) -> tuple[dict[str, _Layer], dict[str, str]]:
+    """Module-tree discovery: the expandable conv/linear modules with every name each goes by, and the
+    modules that look like layers but are not expandable (or already expanded), with the reason."""
+    names: dict[int, list[str]] = {}
+    found: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+        found[id(module)] = module
+    layers: dict[str, _Layer] = {}
+    skipped: dict[str, str] = {}
+    inside_expanded = tuple(f"{n}." for key, m in found.items() if isinstance(m, ExpandedLayer) for n in names[key])
+    for key, module in found.items():
+        name = names[key][0]
+        if isinstance(module, ExpandedLayer):
+            skipped[name] = "already expanded"
+        elif name.startswith(inside_expanded):
+            continue
+        elif module_function(module) is not None:
+            layers[name] = _Layer(name, type(module), module.weight, module, names[key])
+        elif isinstance(getattr(module, "weight", None), nn.parameter.UninitializedParameter):
+            skipped[name] = weight_problem(module.weight)
+        elif _looks_linear(module):
+            skipped[name] = _not_expandable(module)
+    return layers, skipped
+
+
+def _graph_problem(gm: fx.GraphModule, layer: _Layer, called: set[str]) -> tuple[str | None, int]:
+    """Why the graph keeps ``layer`` from being expanded exactly, or None; and how many nodes read its
+    weight other than through its call sites (they will read the composed weight).  ``called``: the
+    targets of the graph's call_module nodes."""
+    groups = {site.call.groups for site in layer.sites}
+    if len(groups) != 1:
+        return f"call sites disagree on groups {sorted(groups)}", 0
+    site_nodes = {n for site in layer.sites for n in [site.node, *site.weight_nodes()]}
+    weights = layer.own_names()
+    prefixes = tuple(f"{n}." for n in layer.names)
+    reads = 0
+    for node in gm.graph.find_nodes(op="get_attr"):
+        if node.target in weights:
+            for user in node.users:
+                if user in site_nodes:
+                    continue
+                if _writes(user):
+                    return f"node '{user.name}' writes to '{node.target}' in place", 0
+                reads += 1
+        elif layer.module is not None and node.target.startswith(prefixes) and not node.target.endswith(".bias"):
+            return f"node '{node.name}' reads '{node.target}' directly", 0
+    if layer.module is None:
+        owners = [layer.name.rsplit(".", k)[0] for k in range(1, layer.name.count(".") + 1)]
+        owner = next((o for o in owners if o in called), None)
+        if owner is not None:
+            return f"module '{owner}' reads the weight inside its own forward", 0
+        if layer.linear_weight.dim() != SPATIAL_DIMS[layer.sites[0].call.function] + 2:
+            return (f"weight of shape {tuple(layer.weight.shape)} does not fit "
+                    f"{layer.sites[0].call.function.__name__}"), 0
+    return None, reads
+
+
+def _writes(node: fx.Node) -> bool:
+    """Whether ``node`` may write into its input in place (``w.add_(...)``, ``w[0] = ...``, ``w.data``)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        if node.target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv):
+            return True
+        if node.target is getattr and node.args[1:] == ("data",):
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return schema.is_mutable
+        return getattr(node.target, "__name__", "").endswith("_")
+    return False
+
+
 def _looks_linear(module: nn.Module) -> bool:
+    """A conv/linear module type, or a module holding its own ``weight`` parameter whose class name says
+    Conv or Linear (not a container whose name does, such as a block of layers)."""
     name = type(module).__name__
-    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or "Conv" in name or "Linear" in name
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or (
+        ("Conv" in name or "Linear" in name) and isinstance(module._parameters.get("weight"), torch.Tensor))
+
+
+def _not_expandable(module: nn.Module) -> str:
+    kind = f"{type(module).__module__}.{type(module).__qualname__}"
+    return (f"{kind} is not expandable (only nn.Conv1d/2d/3d, nn.Linear and Hugging Face Conv1D themselves, not "
+            f"subclasses, transposed, quantized or other layer types)")
 
 
 def _is_expanded(weight, modules) -> bool:
-    """Whether ``weight`` is a factor or a composed kernel of an ExpandedLayer."""
+    """Whether ``weight`` is a factor, a composed kernel or a weight read of an ExpandedLayer."""
     if not isinstance(weight, fx.Node):
         return False
     if weight.op == "call_module":
@@ -474,6 +714,11 @@ def _is_expanded(weight, modules) -> bool:
     if weight.op == "get_attr":
         return isinstance(modules.get(weight.target.rsplit(".", 2)[0]), ExpandedLayer)
     return False
+
+
+def _expanded_name(weight: fx.Node) -> str:
+    """The name of the ExpandedLayer whose factor, kernel or read ``weight`` is (see :func:`_is_expanded`)."""
+    return weight.target.rsplit(".", 1 if weight.op == "call_module" else 2)[0]
 
 
 def _parameter(gm: fx.GraphModule, node) -> nn.Parameter | None:
@@ -486,39 +731,21 @@ def _parameter(gm: fx.GraphModule, node) -> nn.Parameter | None:
     return value
 
 
-def _unexpandable(gm: fx.GraphModule, layer: _Layer, parameter_names: dict[int, list[str]]) -> str | None:
-    """Why ``layer`` cannot be expanded exactly, or None; ``parameter_names``: every name of each
-    parameter of ``gm`` by ``id``."""
-    weight = layer.weight
-    problem = weight_problem(weight) if layer.module is None else module_problem(layer.module)
-    if problem is not None:
-        return problem
-    groups = {site.call.groups for site in layer.sites}
-    if len(groups) != 1:
-        return f"call sites disagree on groups {sorted(groups)}"
-    weight_name = layer.name if layer.module is None else f"{layer.name}.weight"
-    aliases = [n for n in parameter_names.get(id(weight), []) if n != weight_name]
-    if aliases:
-        return f"its weight is tied to '{aliases[0]}'"
-    site_nodes = {site.node for site in layer.sites}
-    for node in gm.graph.nodes:
-        if layer.module is not None:
-            if node.op == "get_attr" and node.target.startswith(layer.name + "."):
-                return f"node '{node.name}' reads '{node.target}' directly"
-        elif node.op == "get_attr" and node.target == layer.name:
-            for user in node.users:
-                if user not in site_nodes or [k for k, v in bind(user).items() if v is node] != ["weight"]:
-                    return f"its weight is also used by node '{user.name}'"
-        elif node.op == "call_module" and layer.name.startswith(node.target + "."):
-            return f"module '{node.target}' reads the weight inside its own forward"
-    if layer.module is None and weight.dim() != SPATIAL_DIMS[layer.sites[0].call.function] + 2:
-        return f"weight of shape {tuple(weight.shape)} does not fit {layer.sites[0].call.function.__name__}"
-    if weight.shape[0] % next(iter(groups)):
-        return f"{weight.shape[0]} output channels do not divide into {next(iter(groups))} groups"
-    return None
+def _tensor(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """The parameter or buffer a get_attr node reads, or None."""
+    owner, _, attr = node.target.rpartition(".")
+    try:
+        value = getattr(gm.get_submodule(owner), attr)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
-def _rewrite_sites(graph: fx.Graph, layer: _Layer, container: ExpandedLayer, mode: str) -> None:
+def _rewrite(gm: fx.GraphModule, layer: _Layer, container: ExpandedLayer, mode: str) -> None:
+    """Graph back end: put ``container`` at the layer's names and rewrite its call sites and weight reads."""
+    for name in layer.names:
+        set_attr(gm, name, container)
+    graph = gm.graph
     name = layer.name
     composed = None
     for site in layer.sites:
@@ -535,8 +762,40 @@ def _rewrite_sites(graph: fx.Graph, layer: _Layer, container: ExpandedLayer, mod
                 weight = composed if step.weight == COMPOSED else graph.get_attr(f"{name}.factors.{step.weight}")
                 value = emit(graph, step.call, value, weight, bias if step.has_bias else None)
         site.node.replace_all_uses_with(value)
-        old_weight = bind(site.node)["weight"] if layer.module is None else None
+        old_weights = site.weight_nodes()
         graph.erase_node(site.node)
-        if old_weight is not None and not old_weight.users:
-            graph.erase_node(old_weight)
+        for node in old_weights:
+            if not node.users:
+                graph.erase_node(node)
+    # what else reads the weight now reads the composed weight, in the layout it had
+    weights = layer.own_names()
+    for node in graph.find_nodes(op="get_attr"):
+        if node.target in weights:
+            if node.users:
+                with inserting_before_with_meta(graph, node):
+                    factors = [graph.get_attr(f"{name}.factors.{i}") for i in range(container.depth)]
+                    read = graph.call_module(f"{name}.read", tuple(factors))
+                node.replace_all_uses_with(read)
+            graph.erase_node(node)
 
+
+def _finish_graph(gm: fx.GraphModule, report: dict) -> fx.GraphModule:
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta.setdefault("fxlop", {})["expand"] = report
+    return gm
+
+
+def _swap(model: nn.Module, layer: _Layer, container: ExpandedLayer, mode: str) -> None:
+    """Module back end: put ``container`` at every name of the module (it runs the chain itself)."""
+    for name in layer.names:
+        set_attr(model, name, container)
+
+
+def _finish_modules(model: nn.Module, report: dict) -> nn.Module:
+    model.fxlop_report = {"expand": report}
+    return model
+
+
+_GRAPH = _BackEnd(traced=True, find=_find_layers, replace=_rewrite, finish=_finish_graph)
+_MODULES = _BackEnd(traced=False, find=_find_modules, replace=_swap, finish=_finish_modules)

@@ -4,7 +4,8 @@ An :class:`ExpandedLayer` sits at the qualified name of the layer it replaces (a
 or the weight parameter of a functional call), so the factors keep that name as their prefix and
 ``fuse`` can put the original layer back under it.  The graph itself carries the computation:
 :func:`chain_plan` lists the steps of one call site, and both the expansion pass (which emits
-them) and the fusion pass (which matches them) read that one list.
+them) and the fusion pass (which matches them) read that one list.  Other reads of the weight in a
+graph (``w.dtype``, ``w.shape``, ``w * mask``) become calls of the layer's :class:`WeightRead`.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import linalg
-from .errors import FusionError
-from .ops import SPATIAL_DIMS, Call, apply, bind, call_of_module
+from .errors import ExpansionError, FusionError
+from .ops import SPATIAL_DIMS, Call, apply, bind, call_of_module, is_hf_conv1d
 
 #: a chain step's weight: the index of a factor, or COMPOSED for the kernel composed in the graph
 COMPOSED = "composed"
@@ -107,6 +108,29 @@ class KernelComposer(nn.Module):
         return f"groups={self.groups}, kernel_index={self.kernel_index}, order={self.order}"
 
 
+class WeightRead(KernelComposer):
+    """The layer's weight as the replaced layer held it, composed from the factors on every call
+    (differentiable, never cached: a caller may write into what it reads): graph nodes that read the
+    weight other than through the layer's call sites call this module (``<layer>.read``), and
+    :attr:`ExpandedLayer.weight` answers with it.  ``transposed``: the weight was stored ``(in, out)``."""
+
+    def __init__(self, groups: int, kernel_index: int, order: str, transposed: bool = False):
+        super().__init__(groups, kernel_index, order)
+        self.transposed = transposed
+
+    def forward(self, *factors: Tensor) -> Tensor:
+        kernel = linalg.compose(factors, self.groups, self.kernel_index, self.order)
+        return kernel.t() if self.transposed else kernel
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, transposed={self.transposed}"
+
+
+#: the constructor attributes an expanded layer answers like the module it replaced
+CONSTRUCTOR_ATTRIBUTES = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                          "padding", "dilation", "groups", "padding_mode", "nf", "nx")
+
+
 #: integer dtypes of each element size, to compare floating-point tensors bit by bit
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -127,6 +151,21 @@ def _bitwise_equal(saved: Sequence[Tensor], factors: Sequence[Tensor]) -> bool:
 class ExpandedLayer(nn.Module):
     """The factors of one linearly over-parameterized layer.
 
+    It still looks like the layer it replaced to code that reads it: ``weight`` is the end-to-end
+    weight composed from the factors on each access (differentiable; the original's dtype, device,
+    shape and layout: ``(in, out)`` for Hugging Face's ``Conv1D``), ``bias`` is the original bias
+    parameter itself, and the replaced module's constructor attributes (``in_features``,
+    ``out_features``, ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``,
+    ``dilation``, ``groups``, ``padding_mode``; ``nf``, ``nx`` for ``Conv1D``) are plain attributes.
+    ``weight`` cannot be assigned (train or edit the factors, or fuse first).
+
+    ``isinstance(layer, nn.Linear)`` (or ``nn.Conv2d``, ...) is False, on purpose: code that checks
+    the type of a layer usually goes on to *write* its weight (weight initialization such as Hugging
+    Face's ``_init_weights``, pruning, quantization or weight-norm swaps); through a composed
+    ``weight`` such writes would land in a temporary and be lost without a word.  Code that only reads
+    the layer (model forwards: ``self.proj.weight.dtype``) needs no type check and works.  Check
+    ``isinstance(m, passes.ExpandedLayer)`` and ``m.source`` for the type it replaced.
+
     Args:
         factors: factor weights applied first to last (see :mod:`passes.linalg`).
         groups: the layer's groups (every factor uses them).
@@ -139,11 +178,14 @@ class ExpandedLayer(nn.Module):
             or ``chain``); in a graph the expansion pass emits the subgraph instead.
         in_graph: the layer belongs to a GraphModule whose graph reads its factors; only
             ``passes.fuse`` can fuse it then.
+        transposed_weight: the replaced weight was stored ``(in, out)``, the transpose of the
+            ``(out, in)`` the factors compose (``Conv1D``; ``x @ W`` products in graphs).
     """
 
     def __init__(self, factors: Sequence[Tensor], groups: int, kernel_index: int,
                  source: tuple[type, dict] | None = None, bias: nn.Parameter | None = None,
-                 call: Call | None = None, mode: str = "online", in_graph: bool = False):
+                 call: Call | None = None, mode: str = "online", in_graph: bool = False,
+                 transposed_weight: bool = False):
         super().__init__()
         self.factors = nn.ParameterList([f if isinstance(f, nn.Parameter) else nn.Parameter(f) for f in factors])
         self.bias = bias
@@ -153,27 +195,50 @@ class ExpandedLayer(nn.Module):
         self.call = call
         self.mode = mode
         self.in_graph = in_graph
+        self.transposed_weight = transposed_weight
+        for key, value in (source[1] if source else {}).items():
+            if key in CONSTRUCTOR_ATTRIBUTES:
+                setattr(self, key, value)
         order = linalg.contraction_order([f.shape for f in factors], groups, kernel_index)
         self.compose = KernelComposer(groups, kernel_index, order)
+        self.read = WeightRead(groups, kernel_index, order, transposed_weight)
+
+    def __setstate__(self, state):
+        # expanded layers pickled before they answered ``weight`` (torch.save of a whole model)
+        super().__setstate__(state)
+        self.__dict__.setdefault("transposed_weight", False)
+        if "read" not in self._modules:
+            self.read = WeightRead(self.groups, self.kernel_index, self.compose.order, self.transposed_weight)
 
     @property
     def depth(self) -> int:
         return len(self.factors)
 
+    @property
+    def weight(self) -> Tensor:
+        """The end-to-end weight in the replaced layer's layout, composed now (differentiable)."""
+        return self.read(*self.factors)
+
+    @weight.setter
+    def weight(self, value) -> None:
+        raise ExpansionError("the weight of an expanded layer is composed from its factors and cannot be assigned: "
+                             "change layer.factors, or fxlop.fuse the model first")
+
     def fused_weight(self) -> Tensor:
-        """The end-to-end weight, composed in float64 and cast back to the factors' dtype."""
-        return linalg.compose_exact(list(self.factors), self.groups, self.kernel_index)
+        """The end-to-end weight as the replaced layer stored it, composed in float64 and cast back to
+        the factors' dtype."""
+        weight = linalg.compose_exact(list(self.factors), self.groups, self.kernel_index)
+        return weight.t().contiguous() if self.transposed_weight else weight
 
     def fused(self) -> nn.Module | nn.Parameter:
         """What this layer replaced, with the composed weight: the module, or the weight parameter."""
         weight = nn.Parameter(self.fused_weight(), self.factors[0].requires_grad)
         if self.source is None:
             return weight
-        module_type, kwargs = self.source
-        module = module_type(**kwargs, device="meta")
+        module = _rebuild(*self.source)
         module.weight = weight
         module.bias = self.bias
-        return module
+        return module.train(self.training)
 
     def fuse(self) -> nn.Module:
         """The original module type with the composed weight (``timm.utils.reparameterize_model``
@@ -195,7 +260,22 @@ class ExpandedLayer(nn.Module):
     def extra_repr(self) -> str:
         shapes = ", ".join("x".join(map(str, f.shape)) for f in self.factors)
         origin = self.source[0].__name__ if self.source else "functional weight"
-        return f"{origin}, factors=[{shapes}], groups={self.groups}, kernel_index={self.kernel_index}, mode={self.mode}"
+        layout = ", transposed_weight=True" if self.transposed_weight else ""
+        return (f"{origin}, factors=[{shapes}], groups={self.groups}, kernel_index={self.kernel_index}, "
+                f"mode={self.mode}{layout}")
+
+
+def _rebuild(module_type: type, kwargs: dict) -> nn.Module:
+    """A module of ``module_type`` with the constructor arguments ``kwargs`` and no weight values yet:
+    torch's own types are built on the meta device, others (``Conv1D``) without running their
+    constructor, which would allocate and initialize a weight."""
+    if module_type.__module__.startswith("torch."):
+        return module_type(**kwargs, device="meta")
+    module = module_type.__new__(module_type)
+    nn.Module.__init__(module)
+    for key, value in kwargs.items():
+        setattr(module, key, value)
+    return module
 
 
 def weight_problem(weight: Tensor) -> str | None:
@@ -220,17 +300,22 @@ def module_problem(module: nn.Module) -> str | None:
 
 def new_expanded_layer(weight: Tensor, groups: int, shapes, kernel_index: int, generator: torch.Generator | None, *,
                        balanced: bool = False, module: nn.Module | None = None, mode: str = "online",
-                       in_graph: bool = False) -> ExpandedLayer:
+                       in_graph: bool = False, transposed_weight: bool = False) -> ExpandedLayer:
     """Factorize ``weight`` exactly into an ExpandedLayer on its device and in its dtype (see
     :func:`passes.linalg.factorize`; ``generator`` lives on that device, None on meta); ``module`` when
-    it was a module's."""
+    it was a module's.  ``transposed_weight``: ``weight`` is stored ``(in, out)`` (the factors then
+    compose its transpose); a ``Conv1D`` module is always."""
+    transposed_weight = transposed_weight or (module is not None and is_hf_conv1d(module))
     with torch.no_grad():
-        factors = linalg.factorize(weight, groups, shapes, kernel_index, generator, balanced)
+        factors = linalg.factorize(weight.t() if transposed_weight else weight, groups, shapes, kernel_index,
+                                   generator, balanced)
     factors = [nn.Parameter(f, requires_grad=weight.requires_grad) for f in factors]
     if module is None:
-        return ExpandedLayer(factors, groups, kernel_index, mode=mode, in_graph=in_graph)
+        return ExpandedLayer(factors, groups, kernel_index, mode=mode, in_graph=in_graph,
+                             transposed_weight=transposed_weight)
     return ExpandedLayer(factors, groups, kernel_index, source=source_of(module), bias=module.bias,
-                         call=call_of_module(module), mode=mode, in_graph=in_graph)
+                         call=call_of_module(module), mode=mode, in_graph=in_graph,
+                         transposed_weight=transposed_weight)
 
 
 def layer_nodes(graph: fx.Graph, name: str) -> list[fx.Node]:
@@ -255,6 +340,8 @@ def site_ends(own: list[fx.Node], name: str, layer: ExpandedLayer) -> list[fx.No
 
 def source_of(module: nn.Module) -> tuple[type, dict]:
     """``(type, constructor kwargs)`` that rebuild ``module`` (an expandable conv/linear) without weights."""
+    if is_hf_conv1d(module):
+        return type(module), {"nf": module.nf, "nx": module.nx}
     if isinstance(module, nn.Linear):
         return type(module), {"in_features": module.in_features, "out_features": module.out_features,
                               "bias": module.bias is not None, "dtype": module.weight.dtype}
@@ -271,5 +358,5 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
 
 
-__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "ExpandedLayer", "weight_problem",
+__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "WeightRead", "ExpandedLayer", "weight_problem",
            "module_problem", "new_expanded_layer", "layer_nodes", "site_ends", "source_of", "parameter_count"]

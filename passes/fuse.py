@@ -12,7 +12,7 @@ from .errors import FusionError
 from .expand import progress
 from .expanded import COMPOSED, ExpandedLayer, chain_plan, layer_nodes, parameter_count, site_ends
 from .graph import dataflow, inserting_before_with_meta, set_attr
-from .ops import Call, bind, call_of_node, emit, match_pad
+from .ops import Call, bind, call_of_node, emit, match_pad, transpose_like
 
 
 @dataclasses.dataclass
@@ -29,7 +29,9 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
 
     A layer that was a module comes back as that module type with the composed weight under its
     original qualified name (one ``call_module`` per call site); the weight of a functional call
-    comes back as a parameter read by ``get_attr``.  Factors are composed in float64 and cast back
+    comes back as a parameter read by ``get_attr`` (of the shape it had: a weight of an ``x @ W``
+    product keeps its ``(in, out)`` layout and its sites become ``linear(x, W.t())``); the layer's
+    weight reads read that parameter again.  Factors are composed in float64 and cast back
     to their dtype and device.  Returns a new GraphModule; ``gm`` is not changed.
 
     Raises:
@@ -45,20 +47,34 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     fused = []
     for name, layer in fuse_progress(layers):
         own = layer_nodes(graph, name)
+        # the bias is the original parameter, kept under its name: reading it is never inside the layer
+        biases = [n for n in own if n.op == "get_attr" and n.target == f"{name}.bias"]
+        own = [n for n in own if n not in biases]
         sites = [_match_site(end, name, layer) for end in site_ends(own, name, layer)]
-        _check_boundary(flow, name, own, sites)
+        reads = [n for n in own if n.op == "call_module" and n.target == f"{name}.read"]
+        _check_boundary(flow, name, own, sites, reads)
         set_attr(gm, name, layer.fused())
+        weight_name = name if layer.source is None else f"{name}.weight"
         for site in sites:
             with inserting_before_with_meta(graph, site.end):
                 if layer.source is not None:
                     value = graph.call_module(name, (site.input,))
                 else:
-                    value = emit(graph, site.call, site.input, graph.get_attr(name), site.bias)
+                    weight = graph.get_attr(name)
+                    if layer.transposed_weight:
+                        weight = graph.call_function(transpose_like(site.call.function), (weight,))
+                    value = emit(graph, site.call, site.input, weight, site.bias)
             site.end.replace_all_uses_with(value)
             for node in site.nodes:
                 graph.erase_node(node)
+        for read in reads:
+            with inserting_before_with_meta(graph, read):
+                read.replace_all_uses_with(graph.get_attr(weight_name))
         for node in reversed(own):
             graph.erase_node(node)
+        for node in biases:
+            if not node.users:
+                graph.erase_node(node)
         fused.append({"name": name, "call_sites": len(sites),
                       "type": layer.source[0].__name__ if layer.source else "functional weight"})
     graph.lint()
@@ -126,10 +142,11 @@ def _match_site(end: fx.Node, name: str, layer: ExpandedLayer) -> _Site:
     return _Site(end, nodes, node, call, bias)
 
 
-def _check_boundary(flow: nx.DiGraph, name: str, own: list[fx.Node], sites: list[_Site]) -> None:
-    """Only the ends of the sites may feed nodes outside the layer's subgraph."""
+def _check_boundary(flow: nx.DiGraph, name: str, own: list[fx.Node], sites: list[_Site],
+                    reads: list[fx.Node]) -> None:
+    """Only the ends of the sites and the weight reads may feed nodes outside the layer's subgraph."""
     inside = set(own).union(*(site.nodes for site in sites))
-    ends = {site.end for site in sites}
+    ends = {site.end for site in sites} | set(reads)
     for source, reader in nx.edge_boundary(flow, inside):
         if source not in ends:
             raise FusionError(f"cannot fuse expanded layer '{name}': node '{reader.name}' "

@@ -7,12 +7,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import TraceError
+from .expanded import ExpandedLayer
 from .select import Patterns, selector
 
 
 class _Tracer(fx.Tracer):
-    """``fx.Tracer`` that also treats user-chosen modules as leaves and remembers the innermost
-    module being traced when an exception escapes."""
+    """``fx.Tracer`` that also treats user-chosen modules and expanded layers (of ``trace=False``) as
+    leaves and remembers the innermost module being traced when an exception escapes."""
 
     def __init__(self, leaf_modules: Patterns = None):
         super().__init__()
@@ -21,6 +22,8 @@ class _Tracer(fx.Tracer):
         self.failed_in: tuple[str, type] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, ExpandedLayer):
+            return True
         if self._is_user_leaf is not None and self._is_user_leaf(module_qualified_name, type(m)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -57,12 +60,14 @@ def trace(model: nn.Module, *, leaf_modules: Patterns = None) -> fx.GraphModule:
             where = f"in module '{name}' ({module_type.__name__})"
             hint = (f"Keep it as an opaque leaf with leaf_modules=['{name}'] (or "
                     f"leaf_modules=[{module_type.__name__}]); its own layers are then not expanded. Or expand "
-                    f"without tracing: fxlop.expand(model, trace=False).")
+                    f"without tracing: fxlop.expand(model, trace=False), or expand the graph of "
+                    f"torch.export.export(model, example_args).")
         else:
             where = f"in the forward of {type(model).__name__} itself"
-            hint = ("Expand without tracing (fxlop.expand(model, trace=False)), move the untraceable code into a "
-                    "submodule and pass it as a leaf (leaf_modules=[...]), or trace the model yourself and pass "
-                    "the GraphModule.")
+            hint = ("Expand without tracing (fxlop.expand(model, trace=False); Hugging Face models need this or "
+                    "torch.export), expand the graph of torch.export.export(model, example_args), move the "
+                    "untraceable code into a submodule and pass it as a leaf (leaf_modules=[...]), or trace the "
+                    "model yourself and pass the GraphModule.")
         raise TraceError(f"torch.fx could not trace {type(model).__name__}: tracing failed {where}: "
                          f"{type(error).__name__}: {error}. {hint}") from error
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__

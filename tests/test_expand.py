@@ -1,4 +1,5 @@
 import copy
+import pickle
 
 import pytest
 import torch
@@ -483,3 +484,228 @@ def test_expansion_without_tracing(mode, measured):
         assert relative_error(fused(x), gm(x)) <= FP32_RTOL
     names = [e["name"] for e in fxlop.report(gm)["expand"]["expanded"]]
     assert names == ["gate.proj", "conv", "tail.0", "tail.2"]
+
+
+# --- one expansion driver (issue 14) ----------------------------------------------------------------
+
+class Reads(nn.Module):
+    """Model code that reads layers' weights besides calling them (dtype, a value, the bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 2, bias=False)
+
+    def forward(self, x):
+        x = self.proj(x.to(self.proj.weight.dtype)).mean((2, 3))
+        return self.head(self.fc(x) + self.fc.bias) + (self.fc.weight ** 2).sum()
+
+
+def _hooked_model():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.LazyLinear(3))
+    model[2].register_forward_hook(lambda module, args, out: out + 1)
+    return model
+
+
+def _tied_model():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 2))
+    model[2].weight = model[0].weight
+    return model
+
+
+def _decisions(report):
+    """What the driver decided, without what only one back end can know (call sites, timings)."""
+    keys = ("name", "type", "origin", "weight_shape", "transposed_weight", "expansion", "factor_shapes",
+            "params_before", "params_after")
+    return {"expanded": [{k: e[k] for k in keys} for e in report["expanded"]],
+            "skipped": {s["name"]: s["reason"] for s in report["skipped"]}, "reduced": report["reduced"],
+            "params": (report["params_before"], report["params_after"]), "estimate": report["estimate"]["params"]}
+
+
+SAME_REPORT = [
+    ("convs, BatchNorm, linear", lambda: nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, padding="same"),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)), {}),
+    ("hooks, lazy and subclassed layers", lambda: nn.Sequential(_hooked_model(), nn.ConvTranspose2d(3, 3, 1)), {}),
+    ("tied weights", _tied_model, {}),
+    ("weight reads", Reads, {}),
+    ("include, exclude", Reads, {"include": ["proj", nn.Linear], "exclude": "head"}),
+    ("wide-layer policy", lambda: nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4)),
+     {"max_layer_params": 3000}),
+    ("already expanded", lambda: fxlop.expand(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+                                              include="0", trace=False), {}),
+]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("build,options", [c[1:] for c in SAME_REPORT], ids=[c[0] for c in SAME_REPORT])
+def test_graph_and_module_back_ends_decide_the_same(build, options):
+    """One driver decides what is expanded and why; traced or not, the same model gets the same report."""
+    torch.manual_seed(0)
+    model = build().eval()
+    traced = fxlop.expand(model, **options)
+    eager = fxlop.expand(model, trace=False, **options)
+    assert isinstance(traced, fx.GraphModule) and not isinstance(eager, fx.GraphModule)
+    reports = [fxlop.report(m)["expand"] for m in (traced, eager)]
+    assert _decisions(reports[0]) == _decisions(reports[1])
+    assert [r["traced"] for r in reports] == [True, False]
+    assert reports[0]["expanded"] or reports[0]["skipped"]
+
+
+def test_the_same_report_names_what_each_layer_is_not():
+    model = nn.Sequential(_hooked_model(), nn.ConvTranspose2d(3, 3, 1))
+    reasons = {s["name"]: s["reason"] for s in fxlop.report(fxlop.expand(model, trace=False))["expand"]["skipped"]}
+    assert reasons.keys() == {"0.2", "0.4", "1"}
+    assert "forward hooks" in reasons["0.2"] and "not initialized" in reasons["0.4"]
+    assert "ConvTranspose2d is not expandable" in reasons["1"]
+    reasons = {s["name"]: s["reason"] for s in fxlop.report(fxlop.expand(_tied_model(), trace=False))["expand"]["skipped"]}
+    assert reasons == {"0": "its weight is tied to '2.weight'", "2": "its weight is tied to '0.weight'"}
+
+
+def test_layers_inside_a_leaf_module_are_reported():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Branchy())
+    report = fxlop.report(fxlop.expand(model, leaf_modules=["1"]))["expand"]
+    assert [e["name"] for e in report["expanded"]] == ["0"]
+    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
+    assert reasons == {n: "inside leaf module '1', which is not traced" for n in ("1.gate.proj", "1.conv")}
+
+
+@pytest.mark.parametrize("kind,options,attributes", [
+    ("linear", dict(in_features=5, out_features=3), ("in_features", "out_features")),
+    ("conv", dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=1, dilation=(1, 2), groups=2,
+                  padding_mode="reflect"),
+     ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")),
+])
+@pytest.mark.parametrize("trace", [True, False])
+def test_an_expanded_layer_still_answers_weight_bias_and_its_constructor_attributes(kind, options, attributes, trace):
+    torch.manual_seed(0)
+    layer = (nn.Linear if kind == "linear" else nn.Conv2d)(**options).double()
+    expanded = fxlop.expand(nn.Sequential(layer), trace=trace).get_submodule("0")
+    assert isinstance(expanded, ExpandedLayer)
+    # isinstance sees an ExpandedLayer, not the layer type (writes through a composed weight would be lost)
+    assert not isinstance(expanded, (nn.Linear, nn.Conv2d))
+    assert expanded.source[0] is type(layer)
+    for name in attributes:
+        assert getattr(expanded, name) == getattr(layer, name), name
+    weight = expanded.weight
+    assert (weight.dtype, weight.device, weight.shape) == (layer.weight.dtype, layer.weight.device, layer.weight.shape)
+    assert relative_error(weight, layer.weight) <= FP64_RTOL
+    assert torch.equal(expanded.bias, layer.bias)
+    weight.square().sum().backward()  # differentiable: the gradient reaches every factor
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in expanded.factors)
+    with pytest.raises(fxlop.ExpansionError, match="composed from its factors"):
+        expanded.weight = torch.zeros_like(layer.weight)
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_graph_weight_reads_read_the_composed_weight_and_fuse_back(mode):
+    torch.manual_seed(0)
+    model = Reads().eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = fxlop.expand(model, mode=mode)
+    report = fxlop.report(gm)["expand"]
+    assert {e["name"]: e["weight_reads"] for e in report["expanded"]} == {"proj": 1, "fc": 1, "head": 0}
+    assert report["skipped"] == []
+    assert not any(n.op == "get_attr" and n.target.endswith(".weight") for n in gm.graph.nodes)
+    assert fxlop.verify(model, gm, x) <= FP32_RTOL
+    # the read is the composed weight: its gradient (2 w from the sum of squares) reaches fc's factors
+    gm.train()
+    gm(x).sum().backward()
+    assert all(f.grad is not None for f in gm.get_submodule("fc").factors)
+    gm.eval()
+    with torch.no_grad():
+        for param in gm.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    fused = fxlop.fuse(gm)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    assert {n.target for n in fused.graph.nodes if n.op == "get_attr"} == {"proj.weight", "fc.weight", "fc.bias"}
+    assert fxlop.verify(gm, fused, x) <= FP32_RTOL
+
+
+class WritesWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        self.fc.weight.mul_(1.0)
+        return self.fc(x)
+
+
+def test_a_graph_that_writes_a_weight_in_place_keeps_the_layer_dense():
+    with torch.no_grad():
+        report = fxlop.report(fxlop.expand(WritesWeight()))["expand"]
+    assert report["expanded"] == []
+    assert {s["name"]: s["reason"] for s in report["skipped"]} == {"fc": "node 'mul_' writes to 'fc.weight' in place"}
+
+
+class Products(nn.Module):
+    """Linear layers written as matrix products, in both orientations, and products that are not layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 5))  # (in, out): used as x @ w
+        self.b = nn.Parameter(torch.randn(5))
+        self.v = nn.Parameter(torch.randn(5, 4))  # (out, in): used as x @ v.T
+        self.left = nn.Parameter(torch.randn(3, 3))
+        self.scaled = nn.Parameter(torch.randn(4, 5))
+
+    def forward(self, x):
+        y = torch.addmm(self.b, x, self.w) + x @ self.w + torch.mm(x, self.v.t()) + torch.matmul(x, self.v.T)
+        y = y + torch.addmm(self.b, x, self.scaled, beta=0.5)
+        z = self.left @ x[:3]  # the parameter on the left: not a linear layer
+        attention = x @ x.T  # a product of activations: not a layer at all
+        return y, z, attention
+
+
+@pytest.mark.parametrize("source", ["symbolic", "export"])
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_matrix_products_on_a_parameter_expand_like_linear(source, mode):
+    torch.manual_seed(0)
+    model = Products()
+    x = torch.randn(3, 4)
+    graph = model if source == "symbolic" else torch.export.export(model, (x,))
+    gm = fxlop.expand(graph, mode=mode)
+    report = fxlop.report(gm)["expand"]
+    expanded = {e["name"]: (e["type"], e["transposed_weight"], e["call_sites"]) for e in report["expanded"]}
+    assert expanded == {"w": ("Linear", True, 2), "v": ("Linear", False, 2)}
+    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
+    assert reasons.keys() == {"scaled", "left"}
+    assert "scales its terms (beta=0.5" in reasons["scaled"]
+    assert "from the left (W @ x)" in reasons["left"]
+    assert fxlop.verify(model, gm, x) <= FP32_RTOL
+    with torch.no_grad():
+        for name, param in gm.named_parameters():
+            if ".factors." in name:
+                param.add_(0.05 * torch.randn_like(param))
+    fused = fxlop.fuse(gm)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert fxlop.verify(gm, fused, x) <= FP32_RTOL
+
+
+def test_expand_takes_an_exported_program_and_returns_a_graph_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    program = torch.export.export(model, (x,))
+    gm = fxlop.expand(program)
+    assert isinstance(gm, fx.GraphModule)
+    assert [e["name"] for e in fxlop.report(gm)["expand"]["expanded"]] == ["0.weight", "3.weight"]
+    assert fxlop.verify(model, gm, x) <= FP32_RTOL
+    assert fxlop.verify(model, torch.export.export(fxlop.fuse(gm), (x,)).module(), x) <= FP32_RTOL
+    with pytest.raises(fxlop.ExpansionError, match="already a graph"):
+        fxlop.expand(program, trace=False)
+    with pytest.raises(fxlop.ExpansionError, match="trace must be True or False"):
+        fxlop.expand(model, trace="no")
+
+
+def test_an_expanded_layer_pickled_before_it_answered_weight_still_loads_and_fuses():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4))
+    expanded = fxlop.expand(model, trace=False)
+    layer = expanded[0]
+    del layer._modules["read"], layer.__dict__["transposed_weight"]  # what an older fxlop saved
+    loaded = pickle.loads(pickle.dumps(expanded))
+    assert relative_error(loaded[0].weight, model[0].weight) <= FP32_RTOL
+    assert fxlop.verify(model, fxlop.fuse(loaded), torch.randn(2, 3)) <= FP32_RTOL
