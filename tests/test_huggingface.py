@@ -1,0 +1,210 @@
+"""Hugging Face transformers models (issue 14): eager and torch.export, built from small configs.
+
+Nothing is downloaded: every model is made from a config with random initialization, and the hub is
+offline.  Each model is expanded without tracing (``trace=False``) and from its ``torch.export``
+program; every conv/linear that does not share its weight is expanded, the expanded model computes
+what the model computes, and after its factors are perturbed it fuses back to its own state_dict
+keys and shapes and computes what the perturbed expanded model computes (fp32, 1e-5 relative).
+"""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+import fxlop  # noqa: E402
+from passes import ExpandedLayer  # noqa: E402
+
+from conftest import FP32_RTOL  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TOKENS = dict(vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def _bert():
+    return transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **SMALL, **TOKENS))
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, use_cache=False,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, use_cache=False, **SMALL,
+                                                                  **TOKENS))
+
+
+def _vit():
+    return transformers.ViTForImageClassification(transformers.ViTConfig(image_size=16, patch_size=4, num_labels=3,
+                                                                         **SMALL))
+
+
+def _resnet():
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                                       num_labels=3)
+    return transformers.ResNetForImageClassification(config)
+
+
+TEXT = {"input_ids": torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))}
+IMAGES = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+#: name -> (builder, inputs, names of the layers that share their weight with another parameter)
+ZOO = {
+    "bert": (_bert, TEXT, []),
+    "gpt2": (_gpt2, TEXT, ["lm_head"]),
+    "llama": (_llama, TEXT, []),
+    "vit": (_vit, IMAGES, []),
+    "resnet": (_resnet, IMAGES, []),
+}
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return ZOO[name][0]().eval()
+
+
+def _layers(model):
+    """The names of the conv/linear layers of ``model`` (Conv1D included), each once."""
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
+    return [name for name, module in model.named_modules() if type(module) in kinds]
+
+
+def _perturb(model):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator) * param.std())
+
+
+def _shapes(model):
+    return {key: value.shape for key, value in model.state_dict().items()}
+
+
+def _expand(model, path, inputs, **options):
+    if path == "eager":
+        return fxlop.expand(model, trace=False, **options)
+    return fxlop.expand(torch.export.export(model, (), inputs), **options)
+
+
+@pytest.mark.parametrize("path", ["eager", "export"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_expands_every_untied_layer_and_round_trips(name, path):
+    model = _model(name)
+    inputs, tied = ZOO[name][1], ZOO[name][2]
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    expanded = _expand(model, path, inputs, expansion=2)
+    report = fxlop.report(expanded)["expand"]
+    # eager layers are named by module, exported ones by their weight parameter
+    suffix = "" if path == "eager" else ".weight"
+    assert sorted(e["name"] for e in report["expanded"]) == sorted(f"{n}{suffix}" for n in _layers(model) if n not in tied)
+    assert {s["name"]: s["reason"] for s in report["skipped"]} == {
+        f"{n}{suffix}": "its weight is tied to 'transformer.wte.weight'" for n in tied}
+    assert fxlop.verify(model, expanded, inputs) <= FP32_RTOL
+
+    _perturb(expanded)
+    fused = fxlop.fuse(expanded)
+    assert not any(isinstance(m, ExpandedLayer) for m in fused.modules())
+    assert _shapes(fused) == _shapes(model)
+    assert fxlop.verify(expanded, fused, inputs) <= FP32_RTOL
+    for key, value in model.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(value, before[key]), key
+
+
+def test_gpt2_conv1d_expands_and_fuses_back_to_conv1d_with_its_tie():
+    model = _model("gpt2")
+    expanded = fxlop.expand(model, trace=False, expansion=2)
+    attention = expanded.transformer.h[0].attn.c_attn
+    assert isinstance(attention, ExpandedLayer) and attention.transposed_weight
+    # it still reads like the Conv1D it replaced: (in, out) weight, bias, nf and nx
+    original = model.transformer.h[0].attn.c_attn
+    assert (attention.nf, attention.nx) == (original.nf, original.nx) == (96, 32)
+    assert attention.weight.shape == original.weight.shape == (32, 96)
+    assert (attention.weight - original.weight).abs().max() <= FP32_RTOL * original.weight.abs().max()
+    assert torch.equal(attention.bias, original.bias)
+    # the tie is kept: lm_head is not expanded and still is the token embedding
+    assert expanded.lm_head.weight is expanded.transformer.wte.weight
+
+    _perturb(expanded)
+    fused = fxlop.fuse(expanded)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+    assert fused.lm_head.weight is fused.transformer.wte.weight
+    assert _shapes(fused) == _shapes(model)
+    assert fxlop.verify(expanded, fused, TEXT) <= FP32_RTOL
+    # the fused Conv1D holds the transpose of the composed (out, in) weight, exactly as the expanded layer reads
+    layer = expanded.transformer.h[1].mlp.c_fc
+    assert torch.equal(fused.transformer.h[1].mlp.c_fc.weight, layer.fused_weight())
+    assert fused.transformer.h[1].mlp.c_fc.weight.shape == (32, 128)  # n_inner = 4 n_embd
+
+
+def test_gpt2_export_products_fuse_back_to_parameters_of_their_shape():
+    model = _model("gpt2")
+    exported = torch.export.export(model, (), TEXT)
+    addmms = [n for n in exported.module().graph.nodes if n.target is torch.ops.aten.addmm.default]
+    assert len(addmms) == 8  # Conv1D runs as addmm(bias, x, W) on a (in, out) parameter
+    expanded = fxlop.expand(exported, expansion=2)
+    report = fxlop.report(expanded)["expand"]
+    assert all(e["transposed_weight"] for e in report["expanded"])
+    assert not any(n.target is torch.ops.aten.addmm.default for n in expanded.graph.nodes)
+    fused = fxlop.fuse(expanded)
+    assert _shapes(fused) == _shapes(exported.module())
+    assert fxlop.verify(model, fused, TEXT) <= FP32_RTOL
+    # the fused program exports again
+    assert fxlop.verify(fused, torch.export.export(fused, (), TEXT).module(), TEXT, rtol=0) == 0
+
+
+def test_vit_reads_its_patch_projection_weight_in_eager_mode():
+    """ViT's embeddings read ``projection.weight.dtype``: an expanded layer must still answer ``weight``."""
+    model = _model("vit")
+    expanded = fxlop.expand(model, trace=False)
+    projection = expanded.vit.embeddings.patch_embeddings.projection
+    assert isinstance(projection, ExpandedLayer)
+    assert (projection.in_channels, projection.out_channels, projection.kernel_size, projection.stride) == \
+        (3, 32, (4, 4), (4, 4))
+    assert fxlop.verify(model, expanded, IMAGES) <= FP32_RTOL
+
+
+def test_sp_taps_of_the_expanded_eager_model_pair_with_the_dense_model():
+    """The distiller needs graphs; an eagerly expanded model gets one from torch.export, which keeps its
+    parameters (training the tapped student trains the expanded model) and its module names."""
+    dense = _model("bert")
+    expanded = fxlop.expand(dense, trace=False, expansion=2)
+    names = [e["name"] for e in fxlop.report(expanded)["expand"]["expanded"]]
+    teacher = torch.export.export(dense, (), TEXT).module()
+    student = torch.export.export(expanded, (), TEXT).module()
+    sp = fxlop.distiller(teacher, student, taps=names)
+    assert sp.names == names and len(names) == 14
+    assert {id(p) for p in sp.student.parameters()} == {id(p) for p in expanded.parameters()}
+    # the expansion is exact, so every pair of taps holds the same features
+    _, student_taps = sp.student(**TEXT)
+    with torch.no_grad():
+        _, teacher_taps = sp.teacher(**TEXT)  # keyword inputs: Distiller.teacher_taps takes positional ones
+    for name in names:
+        scale = teacher_taps[name].abs().max()
+        assert (student_taps[name] - teacher_taps[name]).abs().max() <= FP32_RTOL * scale, name
+    assert sp.loss(student_taps, teacher_taps) <= 1e-10
+
+
+def test_export_path_taps_pair_by_default():
+    dense = _model("bert")
+    exported = torch.export.export(dense, (), TEXT)
+    student = fxlop.expand(exported, expansion=2)
+    sp = fxlop.distiller(exported.module(), student)
+    assert sorted(sp.names) == sorted(e["name"] for e in fxlop.report(student)["expand"]["expanded"])
+
+
+def test_untraceable_models_keep_raising_a_trace_error_that_names_both_ways_out():
+    """The decision on falling back: expand does not switch to trace=False by itself.  What the caller
+    would get differs in kind (a module copy instead of a GraphModule), and the LOP+SP workflow's next
+    step needs a graph anyway: the distiller traces the same model and fails the same way."""
+    model = _model("bert")
+    with pytest.raises(fxlop.TraceError, match=r"trace=False.*torch\.export"):
+        fxlop.expand(model)
+    expanded = fxlop.expand(model, trace=False)
+    with pytest.raises(fxlop.TraceError):
+        fxlop.distiller(model, expanded)
