@@ -181,7 +181,8 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
 def expand_modules(model: nn.Module, *, expansion: float = 4, mode: str = "online", depth: int = 3,
                    include: Patterns = None, exclude: Patterns = None, seed: int = 0, init: str = "orthogonal",
                    max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
-                   max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS) -> nn.Module:
+                   max_seconds: float | None = MAX_SECONDS,
+                   max_layer_params: int | None = MAX_LAYER_PARAMS) -> nn.Module:
     """Expand without a graph: a copy of ``model`` whose expandable conv/linear modules are replaced by
     :class:`ExpandedLayer` modules that run the chain themselves (control flow in ``forward`` is fine).
 

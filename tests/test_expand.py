@@ -559,7 +559,8 @@ def test_the_same_report_names_what_each_layer_is_not():
     assert reasons.keys() == {"0.2", "0.4", "1"}
     assert "forward hooks" in reasons["0.2"] and "not initialized" in reasons["0.4"]
     assert "ConvTranspose2d is not expandable" in reasons["1"]
-    reasons = {s["name"]: s["reason"] for s in fxlop.report(fxlop.expand(_tied_model(), trace=False))["expand"]["skipped"]}
+    report = fxlop.report(fxlop.expand(_tied_model(), trace=False))["expand"]
+    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
     assert reasons == {"0": "its weight is tied to '2.weight'", "2": "its weight is tied to '0.weight'"}
 
 
