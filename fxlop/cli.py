@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import types
+import typing
 
 import torch
 
@@ -31,70 +34,24 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS
 
-    from .pipeline import DEFAULT_MODEL, DEFAULT_MODELS, METHODS, RunSettings
-    from .train import FACTOR_LRS, SP_WEIGHTINGS
+    from .pipeline import RunSettings
 
     defaults = RunSettings()
     parser = argparse.ArgumentParser(prog="fxlop", description="Linear over-parameterization of pruned networks.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help=_RUN_HELP, description=_RUN_HELP[0].upper() + _RUN_HELP[1:] + ".",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data = run.add_argument_group("data and model")
-    data.add_argument("--model", default=defaults.model,
-                      help=f"resnet20, resnet56, vgg16 (CIFAR-style), cnn1d or resnet1d (1-D signals) or any torchvision "
-                           f"classification model name (default: {DEFAULT_MODEL}; "
-                           + ", ".join(f"{v} for {k}" for k, v in DEFAULT_MODELS.items()) + ")")
-    data.add_argument("--weights", help="a saved dense model (whole module or state_dict) instead of training one")
-    data.add_argument("--dataset", default=defaults.dataset, help="digits or mnist1d (embedded), cifar10, cifar100, imagefolder")
-    data.add_argument("--data-dir", help="directory holding the dataset (cifar10, cifar100, imagefolder)")
-    data.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
-    data.add_argument("--image-size", type=int, help="input side (digits: 16 or 32; imagefolder: 224)")
-    data.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                      help="validation split carved from the training data: chooses what --method auto deploys, "
-                           "and draws the per-epoch curves")
-    prune = run.add_argument_group("pruning (torch-pruning)")
-    prune.add_argument("--ratio", type=float, default=defaults.ratio, help="channel pruning ratio in (0, 1)")
-    prune.add_argument("--importance", default=defaults.importance, help="l1, l2, taylor, lamp, fpgm, random")
-    prune.add_argument("--global-pruning", action="store_true", help="rank channels across layers")
-    prune.add_argument("--iterative-steps", type=int, default=defaults.iterative_steps)
-    tune = run.add_argument_group("fine-tuning")
-    tune.add_argument("--method", choices=METHODS, default=defaults.method,
-                      help="auto: fine-tune every --candidates method and deploy the best on the validation split; "
-                           "otherwise that method (vanilla always runs beside it, for comparison)")
-    tune.add_argument("--candidates", nargs="+", choices=METHODS[1:], default=defaults.candidates,
-                      help="the methods --method auto compares")
-    tune.add_argument("--epochs", type=int, default=defaults.epochs)
-    tune.add_argument("--lr", type=float, default=defaults.lr)
-    tune.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    tune.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    tune.add_argument("--factor-weight-decay", type=float, help="weight decay of the LOP factors (default: same)")
-    tune.add_argument("--factor-lr-scale", type=float, default=defaults.factor_lr_scale,
-                      help="learning rate of the LOP factors relative to --lr (normalized: the outer factors' gain)")
-    tune.add_argument("--factor-lr", choices=FACTOR_LRS, default=defaults.factor_lr,
-                      help="uniform: every factor at lr * scale; normalized: each divided by its gain in LOP's "
-                           "preconditioner")
-    tune.add_argument("--gamma", type=float, default=defaults.gamma, help="weight of the SP distillation loss")
-    tune.add_argument("--sp-weighting", choices=SP_WEIGHTINGS, default=defaults.sp_weighting,
-                      help="relative: --gamma is the SP / cross-entropy ratio on the first batch")
-    tune.add_argument("--taps", nargs="+", help="layer names or globs for SP (default: every conv/linear layer)")
-    tune.add_argument("--tap-reduction", choices=("sum", "mean"), default=defaults.tap_reduction)
-    tune.add_argument("--dense-epochs", type=int, default=defaults.dense_epochs)
-    tune.add_argument("--dense-lr", type=float, default=defaults.dense_lr)
-    tune.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    lop = run.add_argument_group("expansion")
-    lop.add_argument("--expansion", type=float, default=defaults.expansion, help="width multiplier r")
-    lop.add_argument("--mode", choices=("online", "chain"), default=defaults.mode)
-    lop.add_argument("--depth", type=int, default=defaults.depth)
-    lop.add_argument("--init", choices=("orthogonal", "balanced"), default=defaults.init,
-                     help="factor scales: orthonormal outer factors, or all factors at one spectral norm")
-    misc = run.add_argument_group("output")
-    misc.add_argument("--seed", type=int, default=defaults.seed)
-    misc.add_argument("--workers", type=int, default=defaults.workers, help="data loader workers")
-    misc.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    misc.add_argument("--out", default=defaults.out, help="directory for model.pt, report.json, curves.png, logs")
-    misc.add_argument("--json", help="also write the final metrics to this file")
-    misc.add_argument("--quiet", action="store_true", help="no progress bars")
+                              formatter_class=_DefaultsHelp)
+    for title, names in _RUN_GROUPS:
+        group = run.add_argument_group(title)
+        for name in names:
+            if name == "train":
+                _add_settings(group, defaults.train)
+            elif name == "expand":
+                _add_settings(group, defaults.expand)
+            else:
+                _add_settings(group, defaults, only=(name,))
+    run.add_argument_group("output").add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
 
     expand = commands.add_parser("expand", help="expand a saved model (torch.save of an nn.Module)")
@@ -144,10 +101,58 @@ def _limit(kind):
 def _run(args) -> int:
     from .pipeline import RunSettings, run
 
-    fields = RunSettings.__dataclass_fields__
-    settings = RunSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    defaults = RunSettings()
+    values = vars(args)
+
+    def pick(instance):
+        return dataclasses.replace(instance, **{f.name: values[f.name] for f in dataclasses.fields(instance)
+                                                if f.metadata.get("cli", True) and f.name in values})
+
+    settings = dataclasses.replace(pick(defaults), train=pick(defaults.train), expand=pick(defaults.expand))
     run(settings, progress=False if args.quiet else None)
     return 0
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, unless it is None or False (unset, or a switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+#: the groups of ``fxlop run --help``: RunSettings fields by name; "train" and "expand" stand for
+#: every field of the TrainConfig and ExpandOptions the run holds
+_RUN_GROUPS = (
+    ("data and model", ("model", "weights", "dataset", "data_dir", "download", "image_size", "val_fraction")),
+    ("pruning (torch-pruning)", ("ratio", "importance", "global_pruning", "iterative_steps", "rounds")),
+    ("fine-tuning", ("method", "candidates", "train", "batch_size", "dense_epochs", "dense_lr")),
+    ("expansion", ("expand",)),
+    ("output", ("seed", "workers", "device", "out", "json")),
+)
+
+
+def _add_settings(group, instance, only=None) -> None:
+    """One flag per field of a settings dataclass (``--field-name``), typed from its annotation, with
+    its help and choices from the field's metadata and its value in ``instance`` as the default."""
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        if (only is not None and field.name not in only) or not field.metadata.get("cli", True):
+            continue
+        kind = hints[field.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        options = {"help": field.metadata.get("help"), "default": getattr(instance, field.name)}
+        if field.metadata.get("choices"):
+            options["choices"] = field.metadata["choices"]
+        if kind is bool:
+            options["action"] = "store_true"
+        elif typing.get_origin(kind) is list:
+            options.update(nargs="+", type=typing.get_args(kind)[0])
+        else:
+            options["type"] = kind
+        group.add_argument("--" + field.name.replace("_", "-"), **options)
 
 
 def _expand(args) -> int:

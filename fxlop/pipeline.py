@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from passes.expand import check_options
+from passes.expand import INITS, check_options
+from passes.expanded import MODES
 from passes.tap import layer_names, match_names
 from passes.trace import trace
 
@@ -20,13 +21,14 @@ from . import data as datasets
 from . import models
 from .core import expand, fuse
 from .errors import FxlopError
-from .prune import IMPORTANCES, prune
+from .prune import IMPORTANCES, prune_steps
 from .reporting import plot_curves, table, write_json
-from .train import TrainConfig, evaluate, finetune, init_distributed
+from .train import TrainConfig, evaluate, finetune, init_distributed, setting
 from .verify import verify
 
 METHODS = ("auto", "vanilla", "sp", "lop", "lop_sp")
 LOP_METHODS = ("lop", "lop_sp")
+SP_METHODS = ("sp", "lop_sp")
 #: what ``--method auto`` fine-tunes and chooses from on the validation split
 AUTO_CANDIDATES = ("vanilla", "sp", "lop_sp")
 #: the model ``fxlop run`` uses for each embedded dataset unless ``--model`` says otherwise
@@ -35,45 +37,65 @@ DEFAULT_MODEL = "resnet20"
 
 
 @dataclasses.dataclass
-class RunSettings:
-    """Everything ``fxlop run`` does is decided here (the CLI flags map onto these fields)."""
+class ExpandOptions:
+    """How a run expands the pruned model for LOP (the options of :func:`fxlop.expand` it sets)."""
 
-    model: str | None = None  # None: cnn1d for mnist1d, resnet20 for every other dataset
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    image_size: int | None = None
-    weights: str | None = None  # a saved dense model (whole module or state_dict); trained when None
-    ratio: float = 0.8
-    importance: str = "l2"
-    global_pruning: bool = False
-    iterative_steps: int = 1
-    method: str = "auto"
-    candidates: list[str] = dataclasses.field(default_factory=lambda: list(AUTO_CANDIDATES))
-    epochs: int = 10
-    dense_epochs: int = 15
-    lr: float = 0.05
-    dense_lr: float = 0.1
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    factor_weight_decay: float | None = None
-    factor_lr_scale: float = 0.5
-    factor_lr: str = "uniform"
-    gamma: float = 0.3  # relative: SP starts at 0.3 x the cross-entropy (the recovery study's choice)
-    sp_weighting: str = "relative"
-    taps: list[str] | None = None
-    tap_reduction: str = "mean"
-    expansion: float = 4
-    mode: str = "online"
-    depth: int = 3
-    init: str = "orthogonal"
-    val_fraction: float = 0.2
-    seed: int = 0
-    workers: int = 0
-    bf16: bool = False
-    device: str | None = None
-    out: str = "runs/latest"
-    json: str | None = None
+    expansion: float = setting(4, "width multiplier r of the hidden widths")
+    mode: str = setting("online", "online: factors composed into one kernel in the graph; chain: one op per factor",
+                        choices=MODES)
+    depth: int = setting(3, "linear ops per expanded layer")
+    init: str = setting("orthogonal", "orthonormal outer factors, or all factors at one spectral norm", choices=INITS)
+
+    def check(self) -> None:
+        check_options(self.expansion, self.mode, self.depth, None, self.init)
+
+
+def _run_training() -> TrainConfig:
+    """The fine-tuning settings of ``fxlop run`` by default: the recovery study's choices."""
+    return TrainConfig(epochs=10, lr=0.05, gamma=0.3, sp_weighting="relative")
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """Everything ``fxlop run`` does is decided here: its own fields, the fine-tuning settings
+    (``train``, a :class:`TrainConfig`) and the expansion (``expand``, :class:`ExpandOptions`).
+    The command line is built from these fields; :meth:`check` validates all of them before any work.
+
+    ``train.epochs`` is the whole fine-tuning budget; with ``rounds`` > 1 it is split evenly over the
+    rounds of prune -> fine-tune.  ``train.gamma`` applies to the SP methods only; ``seed`` seeds
+    everything (data split, dense model, expansion, fine-tuning).
+    """
+
+    model: str | None = setting(None, f"resnet20, resnet56, vgg16 (CIFAR-style), cnn1d or resnet1d (1-D signals) or "
+                                      f"any torchvision classification model name (default: {DEFAULT_MODEL}; "
+                                      + ", ".join(f"{v} for {k}" for k, v in DEFAULT_MODELS.items()) + ")")
+    weights: str | None = setting(None, "a saved dense model (whole module or state_dict) instead of training one")
+    dataset: str = setting("digits", "digits or mnist1d (embedded), cifar10, cifar100, imagefolder")
+    data_dir: str | None = setting(None, "directory holding the dataset (cifar10, cifar100, imagefolder)")
+    download: bool = setting(False, "let torchvision download CIFAR (needs internet)")
+    image_size: int | None = setting(None, "input side (digits: 16 or 32; imagefolder: 224)")
+    val_fraction: float = setting(0.2, "validation split carved from the training data: chooses what --method auto "
+                                       "deploys, and draws the per-epoch curves")
+    ratio: float = setting(0.8, "channel pruning ratio in (0, 1)")
+    importance: str = setting("l2", "channel importance", choices=IMPORTANCES)
+    global_pruning: bool = setting(False, "rank channels across layers")
+    iterative_steps: int = setting(1, "torch-pruning steps within one pruning")
+    rounds: int = setting(1, "rounds of prune -> fine-tune -> fuse to reach --ratio, the budget split over them")
+    method: str = setting("auto", "auto: fine-tune every --candidates method and deploy the best on the validation "
+                                  "split; otherwise that method (vanilla always runs beside it, for comparison)",
+                          choices=METHODS)
+    candidates: list[str] = setting(list(AUTO_CANDIDATES), "the methods --method auto compares",
+                                    choices=METHODS[1:])
+    dense_epochs: int = setting(15, "epochs of training the dense model (without --weights)")
+    dense_lr: float = setting(0.1, "learning rate of the dense training")
+    batch_size: int = setting(128, "batch size")
+    train: TrainConfig = dataclasses.field(default_factory=_run_training)
+    expand: ExpandOptions = dataclasses.field(default_factory=ExpandOptions)
+    seed: int = setting(0, "seed of everything: data split, dense model, expansion, fine-tuning")
+    workers: int = setting(0, "data loader workers")
+    device: str | None = setting(None, "cpu, cuda, cuda:1 (default: cuda when available)")
+    out: str = setting("runs/latest", "directory for model.pt, report.json, curves.png, logs")
+    json: str | None = setting(None, "also write the report to this file")
 
     @property
     def model_name(self) -> str:
@@ -85,13 +107,20 @@ class RunSettings:
         listed = self.candidates if self.method == "auto" else [self.method, "vanilla"]
         return list(dict.fromkeys(listed))
 
+    def round_epochs(self) -> list[int]:
+        """The fine-tuning epochs of each round: ``train.epochs`` split evenly, the remainder last."""
+        share, extra = divmod(self.train.epochs, self.rounds)
+        return [share] * (self.rounds - 1) + [share + extra]
+
+    def round_ratios(self) -> list[float]:
+        """The pruning ratio of each round (of the channels left), so that the rounds reach ``ratio``."""
+        step = 1 - (1 - self.ratio) ** (1 / self.rounds)
+        return [step] * self.rounds
+
     def train_config(self, method: str, epochs: int | None = None) -> TrainConfig:
         """The fine-tuning settings of ``method`` (SP methods distill; the others do not)."""
-        return TrainConfig(epochs=self.epochs if epochs is None else epochs, lr=self.lr,
-                           weight_decay=self.weight_decay, factor_weight_decay=self.factor_weight_decay,
-                           factor_lr_scale=self.factor_lr_scale, factor_lr=self.factor_lr,
-                           gamma=self.gamma if method in ("sp", "lop_sp") else 0.0, sp_weighting=self.sp_weighting,
-                           taps=self.taps, tap_reduction=self.tap_reduction, bf16=self.bf16, seed=self.seed)
+        return dataclasses.replace(self.train, epochs=self.train.epochs if epochs is None else epochs,
+                                   gamma=self.train.gamma if method in SP_METHODS else 0.0, seed=self.seed)
 
     def check(self) -> None:
         """Validate every setting before any work starts; all problems in one FxlopError."""
@@ -105,12 +134,14 @@ class RunSettings:
             problems.append(f"--candidates must name methods among {METHODS[1:]}, got {self.candidates}")
         if self.method == "auto" and not self.val_fraction:
             problems.append("--method auto chooses on a validation split: --val-fraction must be > 0")
-        for name in ("epochs", "batch_size", "iterative_steps"):
+        for name in ("batch_size", "iterative_steps", "rounds"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 problems.append(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         for name in ("dense_epochs", "workers"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 problems.append(f"--{name.replace('_', '-')} must be an integer >= 0, got {getattr(self, name)}")
+        if isinstance(self.rounds, int) and isinstance(self.train.epochs, int) and self.train.epochs < self.rounds:
+            problems.append(f"--epochs ({self.train.epochs}) must give every one of the {self.rounds} rounds an epoch")
         if not (isinstance(self.dense_lr, (int, float)) and math.isfinite(self.dense_lr) and self.dense_lr > 0):
             problems.append(f"--dense-lr must be a finite number > 0, got {self.dense_lr}")
         if not 0 <= self.val_fraction < 1:
@@ -125,16 +156,11 @@ class RunSettings:
             kind = "1-D signals" if self.dataset in datasets.SIGNAL_DATASETS else "images"
             problems.append(f"dataset {self.dataset!r} holds {kind}; model {self.model_name!r} does not take them "
                             f"(1-D models: {', '.join(models.SIGNAL_MODELS)})")
-        for check in (lambda: self.train_config("lop_sp").check(),
-                      lambda: check_options(self.expansion, self.mode, self.depth, None, self.init)):
+        for check in (self.train.check, self.expand.check, lambda: resolve_device(self.device)):
             try:
                 check()
             except FxlopError as error:
                 problems.append(str(error))
-        try:
-            resolve_device(self.device)
-        except FxlopError as error:
-            problems.append(str(error))
         if problems:
             raise FxlopError("; ".join(problems))
 
@@ -197,46 +223,46 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     else:
         torch.manual_seed(settings.seed)
         dense = models.build_model(settings.model_name, num_classes=bundle.num_classes, in_channels=in_channels)
-    _check_taps(dense, settings.taps)
+    _check_taps(dense, settings.train.taps)
     dense_history = []
     if not settings.weights and settings.dense_epochs:
         say(f"training the dense {settings.model_name} for {settings.dense_epochs} epochs")
         dense_history = finetune(dense, train_loader, epochs=settings.dense_epochs, lr=settings.dense_lr,
-                                 weight_decay=settings.weight_decay, seed=settings.seed, device=device,
+                                 weight_decay=settings.train.weight_decay, seed=settings.seed, device=device,
                                  progress=progress).history
     dense = dense.to(device).eval()
     dense_accuracy = evaluate(dense, test_loader, device=device)["accuracy"]
     say(f"dense accuracy {100 * dense_accuracy:.2f} %")
 
-    pruned = prune(dense, example, ratio=settings.ratio, importance=settings.importance,
-                   global_pruning=settings.global_pruning, iterative_steps=settings.iterative_steps,
-                   data=itertools.islice(train_loader, 4))
-    post_prune_accuracy = evaluate(pruned.model, test_loader, device=device)["accuracy"]
-    say(f"pruned {settings.ratio:.0%}: {pruned.params_before:,} -> {pruned.params_after:,} parameters, "
-        f"accuracy {100 * post_prune_accuracy:.2f} %")
-
-    # expanded once, before anything fine-tunes: a refused or failing expansion ends the job here
-    expanded = None
-    if any(m in LOP_METHODS for m in settings.methods):
-        expanded = expand(pruned.model, expansion=settings.expansion, mode=settings.mode, depth=settings.depth,
-                          init=settings.init, seed=settings.seed)
-        plan = expanded.meta["fxlop"]["expand"]
-        say(f"expanded {len(plan['expanded'])} layers: {plan['params_before']:,} -> {plan['params_after']:,} "
-            f"parameters for LOP's fine-tuning")
-    results = {}
-    for method in settings.methods:
-        say(f"fine-tuning: {method}, {settings.epochs} epochs")
-        student = copy.deepcopy(expanded if method in LOP_METHODS else pruned.model)
-        results[method] = _finetune_method(method, settings, dense, pruned.model, student, train_loader,
-                                           val_loader, test_loader, example, device, progress, out)
-    chosen, why = _choose(settings, results)
-    if why:
-        say(why)
-    deployed = results[chosen].pop("deployed")
+    # rounds of prune -> fine-tune (-> fuse): torch-pruning's iterative schedule, the fine-tuned weights
+    # loaded back into its model between the steps, so that each step ranks channels by them
+    steps = prune_steps(dense, example, ratio=settings.ratio, steps=settings.rounds * settings.iterative_steps,
+                        importance=settings.importance, global_pruning=settings.global_pruning,
+                        data=itertools.islice(train_loader, 4))
+    rounds = []
+    for index, epochs in enumerate(settings.round_epochs()):
+        for _ in range(settings.iterative_steps):
+            pruned = next(steps)
+        post_prune_accuracy = evaluate(pruned.model, test_loader, device=device)["accuracy"]
+        where = f"round {index + 1}/{settings.rounds}: " if settings.rounds > 1 else ""
+        say(f"{where}pruned {1 - pruned.params_after / pruned.params_before:.0%} of the parameters: "
+            f"{pruned.params_before:,} -> {pruned.params_after:,}, accuracy {100 * post_prune_accuracy:.2f} %")
+        results = _finetune_methods(settings, epochs, dense, pruned.model, train_loader, val_loader, test_loader,
+                                    example, device, progress, out, say, suffix=f"_round{index + 1}" if index else "")
+        chosen, why = _choose(settings, results)
+        if why:
+            say(why)
+        deployed = results[chosen]["deployed"]
+        pruned.model.load_state_dict(deployed.state_dict())
+        rounds.append({"round": index + 1, "epochs": epochs, "params": pruned.params_after,
+                       "macs": pruned.macs_after, "widths": pruned.widths_after,
+                       "post_prune_accuracy": post_prune_accuracy, "deployed": chosen,
+                       "methods": {m: {"val_accuracy": r["val_accuracy"], "accuracy": r["accuracy"]}
+                                   for m, r in results.items()}})
     if main:
         torch.save(deployed, out / "model.pt")
-    for other in results.values():
-        other.pop("deployed", None)
+    for result in results.values():
+        result.pop("deployed", None)
     params_deployed, macs_deployed = _count(deployed, example)
     report = {
         "settings": dataclasses.asdict(settings),
@@ -246,6 +272,7 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
                  "val": len(bundle.val) if bundle.val is not None else 0, "input_shape": list(bundle.input_shape)},
         "dense_accuracy": dense_accuracy,
         "post_prune_accuracy": post_prune_accuracy,
+        "rounds": rounds,
         "deployed": chosen,
         "selection": why or "as asked",
         "finetuned_accuracy": results[chosen]["accuracy"],
@@ -314,13 +341,33 @@ def summary_table(report: dict) -> str:
     return table(rows, ["model", "validation %", "test %", "params", "MACs"])
 
 
-def _finetune_method(method, settings, dense, pruned, student, train_loader, val_loader, test_loader, example,
-                     device, progress, out) -> dict:
+def _finetune_methods(settings, epochs, dense, pruned, train_loader, val_loader, test_loader, example, device,
+                      progress, out, say, suffix="") -> dict:
+    """Every method of the run fine-tuned from ``pruned`` for ``epochs``; LOP methods start from one
+    expansion, made before anything trains so that a refused expansion costs nothing."""
+    expanded = None
+    if any(m in LOP_METHODS for m in settings.methods):
+        expanded = expand(pruned, **dataclasses.asdict(settings.expand), seed=settings.seed)
+        plan = expanded.meta["fxlop"]["expand"]
+        say(f"expanded {len(plan['expanded'])} layers: {plan['params_before']:,} -> {plan['params_after']:,} "
+            f"parameters for LOP's fine-tuning")
+    results = {}
+    for method in settings.methods:
+        say(f"fine-tuning: {method}, {epochs} epochs")
+        student = copy.deepcopy(expanded if method in LOP_METHODS else pruned)
+        results[method] = _finetune_method(method, settings, epochs, dense, pruned, student, train_loader,
+                                           val_loader, test_loader, example, device, progress,
+                                           out / f"{method}{suffix}.jsonl")
+    return results
+
+
+def _finetune_method(method, settings, epochs, dense, pruned, student, train_loader, val_loader, test_loader,
+                     example, device, progress, log_path) -> dict:
     lop = method in LOP_METHODS
     began = time.perf_counter()
     result = finetune(student, train_loader, teacher=dense, val_loader=val_loader or test_loader,
-                      config=settings.train_config(method), device=device, progress=progress,
-                      log_path=out / f"{method}.jsonl")
+                      config=settings.train_config(method, epochs), device=device, progress=progress,
+                      log_path=log_path)
     seconds = time.perf_counter() - began
     deployed = copy.deepcopy(pruned)
     verified_error = None
@@ -336,7 +383,7 @@ def _finetune_method(method, settings, dense, pruned, student, train_loader, val
         "accuracy": evaluate(deployed, test_loader, device=device)["accuracy"],
         "val_accuracy": evaluate(deployed, val_loader, device=device)["accuracy"] if val_loader is not None else None,
         "history": result.history, "taps": result.taps, "train_time_s": seconds,
-        "time_per_epoch_s": seconds / settings.epochs, "verify_max_relative_error": verified_error,
+        "time_per_epoch_s": seconds / epochs, "verify_max_relative_error": verified_error,
         "params_expanded": expanded["params_after"] if expanded else None, "deployed": deployed,
     }
 

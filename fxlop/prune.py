@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -64,12 +64,32 @@ def prune(model: nn.Module, example_inputs, *, ratio: float, importance: str = "
     torch-pruning silently leaves a group unpruned when ``floor(C * (1 - ratio))`` would be 0
     channels (e.g. ResNet-20's 16-wide stage at ``ratio`` 0.95). Such layers, and others that kept
     their width although the ratio asked them to shrink, are listed in ``PruneResult.unpruned``
-    and warned about.
+    and warned about.  To fine-tune between the steps, use :func:`prune_steps`.
 
     Raises:
         PruneError: bad settings, or a pruned model whose output shapes differ from the original's.
     """
-    importance_fn = _check_settings(ratio, importance, iterative_steps, round_to, data)
+    for result in prune_steps(model, example_inputs, ratio=ratio, steps=iterative_steps, importance=importance,
+                              global_pruning=global_pruning, ignored_layers=ignored_layers, round_to=round_to,
+                              data=data, loss_fn=loss_fn):
+        pass
+    return result
+
+
+def prune_steps(model: nn.Module, example_inputs, *, ratio: float, steps: int, importance: str = "l2",
+                global_pruning: bool = False, ignored_layers: Iterable[nn.Module | str] | None = None,
+                round_to: int | None = None, data: Iterable | None = None,
+                loss_fn: Callable | None = None) -> Iterator[PruneResult]:
+    """:func:`prune` in ``steps`` steps of torch-pruning's iterative schedule, yielding after each.
+
+    Step ``k`` prunes the copy to ``k / steps`` of ``ratio`` of the original widths, so the last step
+    gives exactly the widths of a one-shot :func:`prune`.  Every result holds the same model object:
+    between steps the caller may change its weights (fine-tune a copy, then
+    ``result.model.load_state_dict(...)``; a fused LOP model's state_dict fits) and the next step
+    ranks channels by the new weights.  Do not replace its modules: torch-pruning holds them.
+    Counts and widths compare with the original model; unpruned layers are warned about at the end.
+    """
+    importance_fn = _check_settings(ratio, importance, steps, round_to, data)
     was_training = model.training
     ignored_names = _ignored_names(model, ignored_layers)
     # eval: BatchNorm statistics must not move during tracing, MAC counting or Taylor's passes
@@ -83,32 +103,34 @@ def prune(model: nn.Module, example_inputs, *, ratio: float, importance: str = "
         heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
         pruner = tp.pruner.BasePruner(model, example_inputs, importance=importance_fn, pruning_ratio=ratio,
                                       global_pruning=global_pruning, ignored_layers=ignored,
-                                      iterative_steps=iterative_steps, round_to=round_to, num_heads=heads)
-        refused = _record_refused_groups(pruner, names)
-        batches = list(data) if importance == "taylor" else []
-        if importance == "taylor" and not batches:
-            raise PruneError("taylor importance got no data batches to compute gradients with")
-        for _ in range(iterative_steps):
+                                      iterative_steps=steps, round_to=round_to, num_heads=heads)
+    refused = _record_refused_groups(pruner, names)
+    batches = list(data) if importance == "taylor" else []
+    if importance == "taylor" and not batches:
+        raise PruneError("taylor importance got no data batches to compute gradients with")
+    for step in range(steps):
+        model.eval()
+        with torch.enable_grad():
             if batches:
                 _accumulate_gradients(model, batches, loss_fn or F.cross_entropy)
             pruner.step()
-        model.zero_grad(set_to_none=True)
-        macs_after, params_after = tp.utils.count_ops_and_params(model, example_inputs)
-    shapes_after = _output_shapes(model, example_inputs)
-    if shapes_after != shapes_before:
-        raise PruneError(f"pruning changed the model's output shapes from {shapes_before} to {shapes_after}: "
-                         f"pass the layers that produce the outputs in ignored_layers")
-    widths_after = _widths(model)
-    unpruned = _unpruned(widths_before, widths_after, ignored_names, refused, global_pruning)
-    if unpruned:
-        listed = ", ".join(unpruned[:8]) + (f" and {len(unpruned) - 8} more" if len(unpruned) > 8 else "")
-        warnings.warn(f"torch-pruning left {len(unpruned)} layers wider than ratio {ratio} asks: {listed} (it skips "
-                      f"a group when floor(width * (1 - ratio)) would be 0 channels, and layers coupled to ignored "
-                      f"ones or that it cannot prune); see PruneResult.unpruned", stacklevel=2)
-    model.train(was_training)
-    return PruneResult(model=model, params_before=int(params_before), params_after=int(params_after),
-                       macs_before=float(macs_before), macs_after=float(macs_after), widths_before=widths_before,
-                       widths_after=widths_after, unpruned=unpruned, ignored=ignored_names)
+            model.zero_grad(set_to_none=True)
+            macs_after, params_after = tp.utils.count_ops_and_params(model, example_inputs)
+        shapes_after = _output_shapes(model, example_inputs)
+        if shapes_after != shapes_before:
+            raise PruneError(f"pruning changed the model's output shapes from {shapes_before} to {shapes_after}: "
+                             f"pass the layers that produce the outputs in ignored_layers")
+        widths_after = _widths(model)
+        unpruned = _unpruned(widths_before, widths_after, ignored_names, refused, global_pruning)
+        if unpruned and step == steps - 1:
+            listed = ", ".join(unpruned[:8]) + (f" and {len(unpruned) - 8} more" if len(unpruned) > 8 else "")
+            warnings.warn(f"torch-pruning left {len(unpruned)} layers wider than ratio {ratio} asks: {listed} (it "
+                          f"skips a group when floor(width * (1 - ratio)) would be 0 channels, and layers coupled to "
+                          f"ignored ones or that it cannot prune); see PruneResult.unpruned", stacklevel=3)
+        model.train(was_training)
+        yield PruneResult(model=model, params_before=int(params_before), params_after=int(params_after),
+                          macs_before=float(macs_before), macs_after=float(macs_after), widths_before=widths_before,
+                          widths_after=widths_after, unpruned=unpruned, ignored=ignored_names)
 
 
 def _check_settings(ratio, importance, iterative_steps, round_to, data):

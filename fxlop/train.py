@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import json
 import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,15 @@ FACTOR_LRS = ("uniform", "normalized")
 SP_WEIGHTINGS = ("absolute", "relative")
 
 
+def setting(default, help: str, *, choices=None, cli: bool = True):
+    """A dataclass field of a settings class, with what a command line needs to offer it
+    (``fxlop.cli`` builds its flags from these)."""
+    metadata = {"help": help, "choices": choices, "cli": cli}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of :func:`finetune` (also stored in checkpoints).
@@ -57,26 +67,29 @@ class TrainConfig:
     (fine-tune an expanded model for the first part, fuse it, finish the schedule on the fused model).
     """
 
-    epochs: int = 10
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    factor_weight_decay: float | None = None
-    factor_lr_scale: float = 0.5
-    factor_lr: str = "uniform"
-    schedule: str = "cosine"
-    schedule_epochs: int | None = None
-    schedule_start: int = 0
-    step_size: int = 30
-    step_gamma: float = 0.1
-    label_smoothing: float = 0.0
-    gamma: float = 0.0
-    taps: list[str] | None = None
-    tap_reduction: str = "mean"
-    sp_weighting: str = "absolute"
-    bf16: bool = False
-    seed: int = 0
+    epochs: int = setting(10, "epochs of fine-tuning")
+    optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
+    lr: float = setting(0.01, "base learning rate")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "weight decay")
+    factor_weight_decay: float | None = setting(None, "weight decay of the LOP factors (default: --weight-decay)")
+    factor_lr_scale: float = setting(0.5, "learning rate of the LOP factors relative to --lr (normalized: the "
+                                          "outer factors' largest gain)")
+    factor_lr: str = setting("uniform", "uniform: every factor at lr * scale; normalized: each divided by its gain in "
+                                        "LOP's preconditioner", choices=FACTOR_LRS)
+    schedule: str = setting("cosine", "learning-rate schedule", choices=SCHEDULES)
+    schedule_epochs: int | None = setting(None, "length of the schedule (default: epochs)", cli=False)
+    schedule_start: int = setting(0, "epoch of the schedule this run starts at", cli=False)
+    step_size: int = setting(30, "epochs between the step schedule's decays")
+    step_gamma: float = setting(0.1, "the step schedule's decay factor")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
+    gamma: float = setting(0.0, "weight of the SP distillation loss")
+    taps: list[str] | None = setting(None, "layer names or globs for SP (default: every conv/linear layer)")
+    tap_reduction: str = setting("mean", "how the SP losses of the taps combine", choices=("sum", "mean"))
+    sp_weighting: str = setting("absolute", "relative: gamma is the SP / cross-entropy ratio on the first batch",
+                                choices=SP_WEIGHTINGS)
+    bf16: bool = setting(False, "bf16 autocast")
+    seed: int = setting(0, "seed of the run", cli=False)
 
     def check(self) -> None:
         problems = []
@@ -131,6 +144,10 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
     ``WORLD_SIZE`` environment variable above 1) the student runs in ``DistributedDataParallel``
     (nccl on CUDA, gloo on CPU), the loaders must use a ``DistributedSampler``, metrics are reduced
     across ranks and only rank 0 writes the log and checkpoints.
+
+    Batches are ``(inputs, labels)``: ``inputs`` a tensor, or a mapping of keyword inputs (a Hugging
+    Face batch such as ``{"input_ids": ..., "attention_mask": ...}``, passed as ``model(**inputs)``);
+    the logits are the model's output, the first element of a tuple, or a mapping's ``"logits"``.
 
     Args:
         config: a :class:`TrainConfig`; keyword ``options`` override its fields
@@ -221,8 +238,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                logits = _logits(model(x)).float()
+                x, y = _to_device(x, device), y.to(device)
+                logits = _logits(_call(model, x)).float()
                 totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                                        (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), device=device).double()])
     finally:
@@ -282,14 +299,14 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, sp, correct, count (sums)
     batches = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=_disable(show))
     for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = _to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            output = forward_model(x)
+            output = _call(forward_model, x)
             logits = _logits(output).float()
             ce = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             sp = torch.zeros((), device=device)
             if kd is not None:
-                sp = kd.loss(output[1], kd.teacher_taps(x))
+                sp = kd.loss(output[1], _call(kd.teacher_taps, x))
                 if kd.scale is None:  # relative weighting: fixed on the first batch
                     kd.scale = _relative_sp_scale(ce, sp)
             loss = ce + config.gamma * (kd.scale if kd is not None else 1.0) * sp
@@ -329,7 +346,23 @@ def _average_buffers(model: nn.Module, world: int) -> None:
 
 
 def _logits(output):
-    return output[0] if isinstance(output, tuple) else output
+    """The logits in a model's output: the first of a tuple (a tapped student's ``(output, taps)``), the
+    ``logits`` of a mapping (a Hugging Face ``ModelOutput``)."""
+    output = output[0] if isinstance(output, tuple) else output
+    return output["logits"] if isinstance(output, Mapping) else output
+
+
+def _to_device(inputs, device, non_blocking: bool = False):
+    """A batch's inputs on ``device``: a tensor, or a mapping of keyword inputs (``input_ids=``, ...)."""
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+                for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=non_blocking)
+
+
+def _call(function, inputs):
+    """``function(**inputs)`` for a mapping of keyword inputs, else ``function(inputs)``."""
+    return function(**inputs) if isinstance(inputs, Mapping) else function(inputs)
 
 
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, factor_lr_scale: float = 0.5,

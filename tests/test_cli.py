@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,6 +67,22 @@ def test_run_on_mnist1d_with_an_explicit_method(tmp_path):
     assert sum(p.numel() for p in deployed.parameters()) == report["params"]["pruned"] == 4_113
 
 
+def test_run_in_rounds_reaches_the_one_shot_widths(tmp_path):
+    code, out, err = _cli("run", "--rounds", 2, "--epochs", 3, "--dense-epochs", 1, "--ratio", 0.5, "--method", "lop",
+                          "--out", tmp_path, "--quiet")
+    assert code == 0, err[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and [r["epochs"] for r in rounds] == [1, 2]  # the budget, split
+    assert rounds[0]["params"] > rounds[1]["params"] == report["params"]["pruned"] == report["params"]["fused"]
+    assert rounds[-1]["widths"] == report["widths_pruned"]
+    assert report["widths_pruned"]["conv1"] == 8 and report["widths_pruned"]["layer3.0.conv1"] == 32  # floor(C / 2)
+    assert all(set(r["methods"]) == {"lop", "vanilla"} for r in rounds)
+    assert (tmp_path / "lop.jsonl").exists() and (tmp_path / "lop_round2.jsonl").exists()
+    deployed = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert sum(p.numel() for p in deployed.parameters()) == report["params"]["pruned"]
+
+
 def _results(**val_accuracy):
     return {m: {"val_accuracy": v} for m, v in val_accuracy.items()}
 
@@ -87,7 +104,6 @@ def test_auto_deploys_the_best_on_validation_and_ties_go_to_vanilla():
     (["--depth", "1"], "depth must be an integer >= 2"),
     (["--lr", "nan"], "lr must be a finite number >= 0, got nan"),
     (["--gamma", "-1"], "gamma must be a finite number >= 0"),
-    (["--importance", "magnitude"], "--importance must be one of l1, l2"),
     (["--taps", "nope"], "--taps ['nope'] name no layer of the model"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda:"),
     (["--device", "gpu0"], "--device 'gpu0' is not a device"),
@@ -119,6 +135,33 @@ def test_expand_command_limits(tmp_path, capsys):
               if isinstance(m, passes.ExpandedLayer)]
     sizes = [sum(f.numel() for f in layer.factors) for layer in layers]
     assert layers and max(sizes) <= 2000 < 4 * 9 * 16 * 16 * 4  # a 16-wide 3x3 conv at r=4 would not fit
+
+
+def test_run_flags_come_from_the_settings_classes(capsys):
+    from fxlop.pipeline import ExpandOptions, RunSettings
+    from fxlop.train import TrainConfig
+
+    help_text = " ".join(_cli("run", "--help")[1].split())
+    for cls in (RunSettings, TrainConfig, ExpandOptions):
+        for field in dataclasses.fields(cls):
+            if field.metadata.get("cli", True) and field.name not in ("train", "expand"):
+                assert f"--{field.name.replace('_', '-')}" in help_text, field.name
+    with pytest.raises(SystemExit) as exited:  # choices come from the settings: argparse's own usage error
+        main(["run", "--importance", "magnitude"])
+    assert exited.value.code == 2 and "invalid choice: 'magnitude'" in capsys.readouterr().err
+
+
+def test_run_settings_from_flags(monkeypatch):
+    import fxlop.pipeline
+
+    seen = {}
+    monkeypatch.setattr(fxlop.pipeline, "run", lambda settings, **kwargs: seen.setdefault("settings", settings))
+    assert main(["run", "--lr", "0.2", "--mode", "chain", "--rounds", "3", "--taps", "conv1", "fc", "--bf16"]) == 0
+    settings = seen["settings"]
+    assert (settings.train.lr, settings.train.taps, settings.train.bf16, settings.rounds) == (0.2, ["conv1", "fc"],
+                                                                                                True, 3)
+    assert settings.expand.mode == "chain" and settings.train.gamma == 0.3 and settings.train.sp_weighting == "relative"
+    assert settings.train.epochs == 10 and settings.expand.expansion == 4  # the run's defaults where no flag is given
 
 
 def test_fuse_command_on_plain_and_eagerly_expanded_models(tmp_path, capsys):

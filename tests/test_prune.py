@@ -136,3 +136,38 @@ def test_a_changed_output_shape_is_an_error():
 def test_prune_errors(resnet20, kwargs, match):
     with pytest.raises(PruneError, match=match):
         prune(resnet20, X, **kwargs)
+
+
+def test_prune_steps_reach_the_one_shot_widths_and_rank_by_the_weights_given_between(resnet20):
+    from fxlop.prune import prune_steps
+
+    one_shot = prune(resnet20, X, ratio=0.8)
+    steps = prune_steps(resnet20, X, ratio=0.8, steps=3)
+    first = next(steps)
+    assert _stage_widths(first) == [[w] * 2 for w in (int(16 * (1 - 0.8 / 3)), int(32 * (1 - 0.8 / 3)),
+                                                        int(64 * (1 - 0.8 / 3)))]  # a third of the way
+    # between steps the caller's weights count: make the stem's first output channel the strongest
+    # by far, and the next step keeps it
+    model = first.model
+    with torch.no_grad():
+        model.conv1.weight[0].fill_(100.0)
+        marker = model.conv1.weight[0].clone()
+    second = next(steps)
+    assert second.model is model and any(torch.equal(w, marker) for w in model.conv1.weight)
+    last = next(steps)
+    assert last.widths_after == one_shot.widths_after and last.params_after == one_shot.params_after
+    with pytest.raises(StopIteration):
+        next(steps)
+
+
+def test_a_fused_graph_module_is_pruned_expanded_and_fused_again(resnet20):
+    import fxlop
+
+    fused = fxlop.fuse(fxlop.expand(prune(resnet20, X, ratio=0.5).model))
+    again = prune(fused, X, ratio=0.5)
+    assert _stage_widths(again) == [[w] * 2 for w in (4, 8, 16)]
+    expanded = fxlop.expand(again.model)
+    fxlop.verify(again.model, expanded, X)
+    refused = fxlop.fuse(expanded)
+    assert refused.state_dict().keys() == again.model.state_dict().keys()
+    fxlop.verify(again.model, refused, X)
