@@ -39,7 +39,7 @@ import common  # noqa: E402
 import fxlop  # noqa: E402
 from fxlop.data import load_dataset, make_loader  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
-from fxlop.prune import prune  # noqa: E402
+from fxlop.prune import prune, prune_steps  # noqa: E402
 from passes.expanded import ExpandedLayer  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -47,7 +47,9 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One way to fine-tune a pruned model; every lever of the study is a field."""
+    """One way to fine-tune a pruned model; every lever of the study is a field (flat, so that the
+    study's table can say what each variant changes).  :meth:`train_config` makes the one
+    :class:`fxlop.TrainConfig` the library validates and trains with."""
 
     name: str
     lop: bool = False
@@ -67,6 +69,16 @@ class Method:
     sp_weighting: str = "absolute"  # "relative": gamma is the SP / cross-entropy ratio on the first batch
     weight_decay: float = 5e-4
     fuse_at: float | None = None  # LOP: fuse after this share of the epochs, finish the schedule fused
+    rounds: int = 1  # prune -> fine-tune cycles to reach the ratio, the epochs split over them
+
+    def train_config(self, **extra) -> fxlop.TrainConfig:
+        """The fine-tuning settings of this method (``extra``: seed, epochs, schedule), checked."""
+        config = fxlop.TrainConfig(lr=self.lr, weight_decay=self.weight_decay,
+                                   factor_weight_decay=self.factor_weight_decay, factor_lr_scale=self.factor_lr_scale,
+                                   factor_lr=self.factor_lr, gamma=self.gamma if self.sp else 0.0, taps=_taps(self),
+                                   tap_reduction=self.tap_reduction, sp_weighting=self.sp_weighting, **extra)
+        config.check()
+        return config
 
 
 #: the four methods of the paper's comparison, with the main job's defaults (chosen by the study below):
@@ -167,44 +179,66 @@ def _taps(method: Method):
 
 
 def run_one(job: tuple) -> dict:
-    """Fine-tune one pruned model with one method and seed; returns its scores."""
+    """Fine-tune one pruned model with one method and seed; returns its scores.
+
+    With ``method.rounds`` > 1 the dense model is pruned in that many steps of torch-pruning's
+    iterative schedule (:func:`fxlop.prune.prune_steps`) to the same final widths, the epochs split
+    over the rounds, each round fine-tuned (and fused) before the next step ranks its channels.
+    """
     setup, ratio, method, seed, epochs = job
     torch.set_num_threads(1)
     ctx = context(setup)
-    pruned, _ = pruned_model(setup, ratio)
     torch.manual_seed(seed)
-    student = pruned.model
-    if method.lop:
-        student = fxlop.expand(student, expansion=method.expansion, depth=method.depth, init=method.init,
-                               include=_include(student, method.layers), seed=seed)
-        rescale_factors(student, method.outer_scale)
-    else:
-        student = copy.deepcopy(student)
     loader = make_loader(ctx["bundle"].train, batch_size=setup.batch_size, shuffle=True, seed=seed)
-    params_trained = sum(p.numel() for p in student.parameters())
-    expanded_epochs = epochs if method.fuse_at is None else max(1, min(epochs - 1, round(epochs * method.fuse_at)))
     began = time.perf_counter()
-    history = _train(student, loader, method, setup, seed, ctx["dense"], epochs=expanded_epochs, schedule_epochs=epochs)
-    deployed = fxlop.fuse(student) if method.lop else student
-    if expanded_epochs < epochs:
-        history += _train(deployed, loader, method, setup, seed, ctx["dense"], epochs=epochs - expanded_epochs,
-                          schedule_epochs=epochs, schedule_start=expanded_epochs)
+    if method.rounds == 1:
+        deployed, history, params_trained = _finetune_pruned(pruned_model(setup, ratio)[0].model, method, setup, seed,
+                                                             loader, epochs)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            steps = prune_steps(ctx["dense"], ctx["example"], ratio=ratio, steps=method.rounds)
+            share, extra = divmod(epochs, method.rounds)
+            history = []
+            for index in range(method.rounds):
+                step = next(steps)
+                deployed, part, params_trained = _finetune_pruned(
+                    step.model, method, setup, seed, loader, share + (extra if index == method.rounds - 1 else 0))
+                step.model.load_state_dict(deployed.state_dict())
+                history += part
     seconds = time.perf_counter() - began
     scores = {split: fxlop.evaluate(deployed, loader)["accuracy"] for split, loader in ctx["loaders"].items()}
     return {"ratio": ratio, "method": dataclasses.asdict(method), "seed": seed, "epochs": epochs,
             "val_accuracy": scores["val"], "test_accuracy": scores["test"], "seconds_per_epoch": seconds / epochs,
-            "params_trained": params_trained, "train_ce": [r["train_ce"] for r in history]}
+            "params_trained": params_trained, "params_deployed": sum(p.numel() for p in deployed.parameters()),
+            "train_ce": [r["train_ce"] for r in history]}
+
+
+def _finetune_pruned(pruned: nn.Module, method: Method, setup: Setup, seed: int, loader, epochs: int):
+    """``(deployed model, history, parameters trained)`` of one fine-tuning of ``pruned`` (not changed)."""
+    dense = context(setup)["dense"]
+    if method.lop:
+        student = fxlop.expand(pruned, expansion=method.expansion, depth=method.depth, init=method.init,
+                               include=_include(pruned, method.layers), seed=seed)
+        rescale_factors(student, method.outer_scale)
+    else:
+        student = copy.deepcopy(pruned)
+    params_trained = sum(p.numel() for p in student.parameters())
+    expanded_epochs = epochs if method.fuse_at is None else max(1, min(epochs - 1, round(epochs * method.fuse_at)))
+    history = _train(student, loader, method, setup, seed, dense, epochs=expanded_epochs, schedule_epochs=epochs)
+    deployed = fxlop.fuse(student) if method.lop else student
+    if expanded_epochs < epochs:
+        history += _train(deployed, loader, method, setup, seed, dense, epochs=epochs - expanded_epochs,
+                          schedule_epochs=epochs, schedule_start=expanded_epochs)
+    return deployed, history, params_trained
 
 
 def _train(model, loader, method: Method, setup: Setup, seed: int, dense, **schedule) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fxlop.finetune(
-            model, loader, teacher=dense if method.sp else None, lr=method.lr, weight_decay=method.weight_decay,
-            factor_weight_decay=method.factor_weight_decay, factor_lr_scale=method.factor_lr_scale,
-            factor_lr=method.factor_lr, gamma=method.gamma if method.sp else 0.0, taps=_taps(method),
-            tap_reduction=method.tap_reduction, sp_weighting=method.sp_weighting, seed=seed, device=setup.device,
-            progress=False, **schedule).history
+        return fxlop.finetune(model, loader, teacher=dense if method.sp else None,
+                              config=method.train_config(seed=seed, **schedule), device=setup.device,
+                              progress=False).history
 
 
 #: the methods the grid runs by default
@@ -453,6 +487,46 @@ def study_markdown(study_result: dict) -> str:
     return "\n".join(lines)
 
 
+def rounds_study(args, setups: list[Setup]) -> dict:
+    """One prune -> fine-tune round against several with the same budget, at one ratio (R = 0.9):
+    vanilla and LOP+SP, each at the learning rate the grid chose for it at that ratio (recovery.json),
+    every seed on the same split."""
+    grid_result = json.loads((common.RESULTS / "recovery.json").read_text()) if (
+        common.RESULTS / "recovery.json").exists() else {"results": []}
+    ratio, epochs, seeds = args.ratios[-1], max(args.budgets), list(range(args.seeds))
+    rows = []
+    for setup in setups:
+        context(setup)
+        chosen = {n: m["lr"] for r in grid_result.get("results", []) if r["setup"]["dataset"] == setup.dataset
+                  for row in r["rows"] if row["ratio"] == ratio and row["epochs"] == min(args.budgets)
+                  for n, m in row["methods"].items()}
+        for name in ("vanilla", "lop_sp"):
+            for rounds in (1, *args.rounds):
+                method = dataclasses.replace(GRID[name], lr=chosen.get(name, 0.05), rounds=rounds)
+                runs = run_all([(setup, ratio, method, s, epochs) for s in seeds], args.workers)
+                rows.append({"dataset": setup.dataset, "model": setup.model, "method": name, "rounds": rounds,
+                             "lr": method.lr, "ratio": ratio, "epochs": epochs, "params": runs[0]["params_deployed"],
+                             "test": summarize(runs, "test_accuracy"), "val": summarize(runs, "val_accuracy"),
+                             "runs": runs})
+                print(f"{setup.dataset} {name} rounds {rounds}: test {rows[-1]['test']['mean']:.1f} ± "
+                      f"{rows[-1]['test']['std']:.1f}", flush=True)
+    return {"rows": rows, "seeds": seeds, "machine": common.machine()}
+
+
+def rounds_markdown(result: dict) -> str:
+    first = result["rows"][0]
+    lines = [f"One round of prune -> fine-tune against several, same final widths and the same {first['epochs']} "
+             f"epochs split over the rounds, R = {first['ratio']}; test accuracy %, mean ± std over "
+             f"{len(result['seeds'])} seeds, each method at the rate the grid chose for it "
+             f"(`python benchmarks/recovery.py --rounds-study`, {result['machine']['date']}).", "",
+             "| model | method | rounds | lr | params | validation % | test % |", "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['model']} on {row['dataset']} | {row['method']} | {row['rounds']} | {row['lr']:g} | "
+                     f"{row['params']:,} | {row['val']['mean']:.1f} ± {row['val']['std']:.1f} | "
+                     f"{row['test']['mean']:.1f} ± {row['test']['std']:.1f} |")
+    return "\n".join(lines)
+
+
 #: the model each embedded dataset is benchmarked with unless --model says otherwise
 DEFAULT_MODELS = {"digits": "resnet20", "mnist1d": "cnn1d", "cifar10": "resnet56", "cifar100": "resnet56"}
 
@@ -478,18 +552,35 @@ def main(argv=None):
     parser.add_argument("--study", nargs="*", metavar="VARIANT",
                         help=f"run the lever study (at the first ratio and budget) instead of the grid; "
                              f"variants: {', '.join(STUDY)} (default all)")
+    parser.add_argument("--rounds-study", action="store_true",
+                        help="compare one prune -> fine-tune round with several (--rounds) at the last --ratios "
+                             "value and the largest budget, instead of the grid")
+    parser.add_argument("--rounds", type=int, nargs="+", default=[3], help="round counts for --rounds-study")
     parser.add_argument("--name", default=None)
     parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.ratios, args.budgets, args.seeds, args.sweep_seeds, args.lrs = [0.8], [1], 1, 1, [0.05, 0.1]
         args.dense_epochs = 1
+        args.rounds, args.budgets = ([2], [2]) if args.rounds_study else (args.rounds, args.budgets)
+    if args.rounds_study and max(args.budgets) < max(args.rounds):
+        parser.error(f"--rounds-study: the budget of {max(args.budgets)} epochs cannot give {max(args.rounds)} rounds "
+                     f"an epoch each")
     unknown = [d for d in args.datasets if args.model is None and d not in DEFAULT_MODELS]
     if unknown:
         parser.error(f"no default model for {unknown}: pass --model")
     setups = [Setup(model=args.model or DEFAULT_MODELS[d], dataset=d, data_dir=args.data_dir,
                     image_size=args.image_size, dense_epochs=args.dense_epochs, device=args.device)
               for d in args.datasets]
+    for method in (*(STUDY[n] for n in (args.study or STUDY)), *(GRID[n] for n in args.methods)):
+        for lr in (*args.lrs, *([args.paper_lr] if args.paper_lr else [])):  # every setting checked before any run
+            dataclasses.replace(method, lr=lr).train_config(epochs=max(args.budgets))
+    if args.rounds_study:
+        result = rounds_study(args, setups)
+        table = rounds_markdown(result)
+        common.write("recovery_rounds_quick" if args.quick else "recovery_rounds", result, table)
+        print(table)
+        return result
     if args.study is not None:
         if args.ratios == parser.get_default("ratios"):
             args.ratios = [0.8]

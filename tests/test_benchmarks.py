@@ -96,3 +96,11 @@ def test_mechanism_quick_run(results_dir):
     assert all(abs(r["gains"][1] - 1) < 1e-5 and r["gain_min"] >= 1 - 1e-6 for r in plain)
     assert all(r["beyond_first_order"] < 0.5 for r in plain)
     assert (results_dir / "mechanism_quick.md").read_text() == mechanism.markdown(result) + "\n"
+
+
+def test_rounds_study_quick_run(results_dir):
+    result = recovery.main(["--rounds-study", "--quick", "--workers", "1", "--datasets", "mnist1d"])
+    rows = {(r["method"], r["rounds"]): r for r in result["rows"]}
+    assert set(rows) == {("vanilla", 1), ("vanilla", 2), ("lop_sp", 1), ("lop_sp", 2)}
+    assert len({r["params"] for r in rows.values()}) == 1  # every way ends at the one-shot widths
+    assert (results_dir / "recovery_rounds_quick.md").read_text() == recovery.rounds_markdown(result) + "\n"
