@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -65,9 +66,19 @@ class Distiller:
         total = torch.stack(losses).sum()
         return total / len(losses) if self.reduction == "mean" else total
 
-    def teacher_taps(self, *inputs) -> dict[str, Tensor]:
+    def teacher_taps(self, *args, **kwargs) -> dict[str, Tensor]:
+        """The teacher's taps on the inputs the models take (positional and keyword, e.g. a Hugging
+        Face model's ``input_ids=``, ``attention_mask=``), without autograd."""
         with torch.no_grad():
-            return self.teacher(*inputs)[1]
+            return self.teacher(*args, **kwargs)[1]
+
+    def __call__(self, *args, **kwargs) -> tuple[Any, Tensor]:
+        """Run the student and the frozen teacher on the same inputs (positional and keyword);
+        ``(the student's output, the SP loss)``, the loss as :meth:`loss` gives it (``scale`` is not
+        applied).  For a training loop of your own: ``logits, sp_loss = sp(x)``, then
+        ``loss = F.cross_entropy(logits, y) + gamma * sp_loss``."""
+        output, student_taps = self.student(*args, **kwargs)
+        return output, self.loss(student_taps, self.teacher_taps(*args, **kwargs))
 
 
 def distiller(teacher: nn.Module, student: nn.Module, taps: Iterable[str] | str | None = None, *,
@@ -79,9 +90,23 @@ def distiller(teacher: nn.Module, student: nn.Module, taps: Iterable[str] | str 
     paired with the same-named layer of the teacher (torch-pruning keeps module names).  Names that
     exist in only one of the two models are reported in ``only_in_teacher``/``only_in_student`` and
     with a warning, not silently dropped; no common name at all is an error.
+
+    Both models are used as graphs: a GraphModule as it is (``fxlop.expand``'s result, or the
+    ``torch.export.export(...).module()`` of a model, expanded or not), any other module traced with
+    ``torch.fx`` (a model expanded with ``trace=False`` traces with its expanded layers as leaves).
+    Models that ``torch.fx`` cannot trace (Hugging Face's) are passed as their ``torch.export``
+    modules, which share the model's parameters (training ``student`` trains the expanded model); the
+    default taps then pair an expanded layer of the student's graph with the same-named layer of the
+    dense teacher's graph.  The distiller takes the inputs the models take, keyword ones included
+    (``sp.teacher_taps(**batch)``, ``sp(**batch)``).
+
+    Raises:
+        FxlopError: unknown taps, no common tap, a bad ``reduction``.
+        TraceError: a model that is neither a GraphModule nor traceable (says how to export it).
     """
     if reduction not in ("sum", "mean"):
         raise FxlopError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    teacher, student = (m.module() if isinstance(m, torch.export.ExportedProgram) else m for m in (teacher, student))
     teacher_gm = _as_graph(copy.deepcopy(teacher), leaf_modules)
     for param in teacher_gm.parameters():
         param.requires_grad_(False)
@@ -111,4 +136,13 @@ def distiller(teacher: nn.Module, student: nn.Module, taps: Iterable[str] | str 
 def _as_graph(model: nn.Module, leaf_modules) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
         return model
-    return passes.trace(model, leaf_modules=leaf_modules)
+    if not isinstance(model, nn.Module):
+        raise FxlopError(f"distiller takes nn.Modules (or torch.export programs), got {type(model).__name__}")
+    try:
+        return passes.trace(model, leaf_modules=leaf_modules)
+    except passes.TraceError as error:
+        raise passes.TraceError(
+            f"SP taps need a graph of the teacher and of the student: {error} For the distiller, pass "
+            f"torch.export.export(model, args, kwargs).module() of both (the student's export shares the "
+            f"expanded model's parameters, so training it trains the model; export with a dynamic batch "
+            f"dimension, dynamic_shapes=..., if the last batch is smaller).") from error

@@ -72,15 +72,15 @@ class Shallow(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
-def _hooked_outputs(model, names, x):
-    """Outputs of the named modules of ``model`` on ``x``, by forward hooks (in eval mode, no grad)."""
+def _hooked_outputs(model, names, *args, **kwargs):
+    """Outputs of the named modules of ``model`` on the inputs, by forward hooks (in eval mode, no grad)."""
     values = {}
     handles = [model.get_submodule(name).register_forward_hook(
         lambda module, args, output, name=name: values.__setitem__(name, output)) for name in names]
     training = model.training
     try:
         with torch.no_grad():
-            model.eval()(x)
+            model.eval()(*args, **kwargs)
     finally:
         model.train(training)
         for handle in handles:
@@ -131,3 +131,65 @@ def test_globs_and_errors():
         distiller(Teacher(8), Teacher(3), ["nope"])
     with pytest.raises(fxlop.FxlopError, match="reduction"):
         distiller(Teacher(8), Teacher(3), reduction="max")
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_default_taps_pair_a_student_expanded_without_tracing(mode):
+    """A student expanded with trace=False traces with its expanded layers as leaves; by default they
+    pair with the teacher's layers of the same names, and the loss is Tung & Mori's on their outputs."""
+    teacher = Teacher(8)
+    student = Teacher(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kd = distiller(teacher, fxlop.expand(student, trace=False, mode=mode))
+    assert kd.names == ["conv", "extra", "fc"]
+    x = torch.randn(4, 3, 5, 5)
+    logits, sp_loss = kd(x)
+    hooked_student = _hooked_outputs(student, kd.names, x)  # the expansion is exact: the compact layers' outputs
+    hooked_teacher = _hooked_outputs(teacher, kd.names, x)
+    expected = sum(_reference_sp(hooked_student[n], hooked_teacher[n]) for n in kd.names) / 3
+    assert sp_loss.item() == pytest.approx(expected, rel=1e-4)
+    assert (logits - student(x)).abs().max() <= 1e-5 * student(x).abs().max()
+    sp_loss.backward()
+    assert all(p.grad is not None for p in kd.student.parameters())
+
+
+class KeywordTeacher(Teacher):
+    """A model called with keyword inputs only (as Hugging Face models are)."""
+
+    def forward(self, *, pixels, gain):
+        return super().forward(pixels * gain)
+
+
+class KeywordStudent(Shallow):
+    def forward(self, *, pixels, gain):
+        return super().forward(pixels * gain)
+
+
+def test_the_distiller_takes_keyword_inputs():
+    teacher, student = KeywordTeacher(8), KeywordStudent(3)
+    kd = distiller(teacher, fxlop.expand(student), ["conv", "fc"])
+    batch = {"pixels": torch.randn(4, 3, 5, 5), "gain": torch.rand(4, 1, 1, 1) + 0.5}
+    hooked = _hooked_outputs(teacher, ["conv", "fc"], **batch)
+    taps = kd.teacher_taps(**batch)
+    for name in ["conv", "fc"]:
+        assert torch.equal(taps[name], hooked[name]), name
+    logits, sp_loss = kd(**batch)
+    _, student_taps = kd.student(**batch)
+    assert torch.equal(logits, student_taps["fc"])
+    assert sp_loss.item() == pytest.approx(kd.loss(student_taps, taps).item(), rel=1e-6)
+    assert sp_loss.item() > 1e-4  # narrow random student vs wide random teacher: not trivially zero
+
+
+def test_an_untraceable_model_is_refused_with_the_export_way_out():
+    class Untraceable(Shallow):
+        def forward(self, x):
+            if x.dim() == 4:  # control flow on a property: torch.fx cannot trace it, torch.export can
+                x = -x
+            return super().forward(x)
+
+    with pytest.raises(fxlop.TraceError, match=r"SP taps need a graph.*torch\.export\.export"):
+        distiller(Shallow(), Untraceable())
+    exported = torch.export.export(Untraceable(), (torch.randn(2, 3, 5, 5),))
+    kd = distiller(torch.export.export(Shallow(), (torch.randn(2, 3, 5, 5),)), exported)
+    assert kd.names == ["conv.weight", "fc.weight"]

@@ -10,6 +10,8 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import warnings  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -183,12 +185,61 @@ def test_sp_taps_of_the_expanded_eager_model_pair_with_the_dense_model():
     assert {id(p) for p in sp.student.parameters()} == {id(p) for p in expanded.parameters()}
     # the expansion is exact, so every pair of taps holds the same features
     _, student_taps = sp.student(**TEXT)
-    with torch.no_grad():
-        _, teacher_taps = sp.teacher(**TEXT)  # keyword inputs: Distiller.teacher_taps takes positional ones
+    teacher_taps = sp.teacher_taps(**TEXT)
     for name in names:
         scale = teacher_taps[name].abs().max()
         assert (student_taps[name] - teacher_taps[name]).abs().max() <= FP32_RTOL * scale, name
     assert sp.loss(student_taps, teacher_taps) <= 1e-10
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_default_sp_taps_on_the_export_graphs_of_the_eagerly_expanded_model(name):
+    """Without ``taps=``: in the export graph of a model expanded with trace=False every expanded layer
+    is a default tap under its module name, paired with the dense teacher's export graph; the tapped
+    student keeps the model's keyword inputs and its ModelOutput; training it trains the model."""
+    dense = _model(name)
+    inputs, tied = ZOO[name][1], ZOO[name][2]
+    expanded = fxlop.expand(dense, trace=False, expansion=2)
+    teacher = torch.export.export(dense, (), inputs).module()
+    student = torch.export.export(expanded, (), inputs).module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tap has its partner
+        sp = fxlop.distiller(teacher, student)
+    expanded_names = [e["name"] for e in fxlop.report(expanded)["expand"]["expanded"]]
+    # every expanded layer, and the conv/linear left dense (GPT-2's tied lm_head, by its weight's name)
+    assert sorted(sp.names) == sorted(expanded_names + [f"{n}.weight" for n in tied])
+    output, sp_loss = sp(**inputs)
+    assert type(output) is type(dense(**inputs))
+    assert fxlop.verify(dense, expanded, inputs) <= FP32_RTOL
+    assert (output.logits - dense(**inputs).logits).abs().max() <= FP32_RTOL * dense(**inputs).logits.abs().max()
+    assert sp_loss <= 1e-10  # the expansion is exact: every pair of taps holds the same features
+    sp_loss.backward()
+    layer = next(m for m in expanded.modules() if isinstance(m, ExpandedLayer))
+    assert all(f.grad is not None for f in layer.factors)
+
+
+def test_finetune_and_evaluate_take_keyword_batches():
+    """Batches of (keyword inputs, labels), as Hugging Face data collators give them."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     **SMALL, **TOKENS)
+    model = fxlop.expand(transformers.BertForSequenceClassification(config), trace=False, expansion=2)
+    generator = torch.Generator().manual_seed(2)
+    batch = {"input_ids": torch.randint(1, 64, (6, 8), generator=generator),
+             "attention_mask": (torch.rand(6, 8, generator=generator) > 0.2).long()}
+    labels = torch.randint(0, 3, (6,), generator=generator)
+    with torch.no_grad():
+        logits = model.eval()(**batch).logits
+    expected = {"accuracy": (logits.argmax(1) == labels).float().mean().item(),
+                "loss": torch.nn.functional.cross_entropy(logits, labels).item()}
+    found = fxlop.evaluate(model, [(batch, labels)])
+    assert found["accuracy"] == pytest.approx(expected["accuracy"]) and found["samples"] == 6
+    assert found["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    result = fxlop.finetune(model, [(batch, labels)], epochs=1, lr=0.05, device="cpu", progress=False)
+    # one batch: the epoch's loss is the cross-entropy at the weights it started from
+    assert result.history[0]["train_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    with torch.no_grad():
+        assert not torch.equal(model.eval()(**batch).logits, logits)
 
 
 def test_export_path_taps_pair_by_default():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.verify import relative_error
+import passes
 from passes.tap import layer_names, linear_layer_names, tap
 
 from conftest import FP32_RTOL
@@ -38,10 +39,10 @@ class Net(nn.Module):
 NAMES = ["stem", "stage.0", "stage.1.conv1", "stage", "proj", "fc"]
 
 
-def _hooked(model, x):
+def _hooked(model, x, names=("stem", "stage.0", "stage.1.conv1", "stage", "fc")):
     """Outputs of the named modules by forward hooks (the functional `proj` by hand)."""
     values, handles = {}, []
-    for name in ["stem", "stage.0", "stage.1.conv1", "stage", "fc"]:
+    for name in names:
         handles.append(model.get_submodule(name).register_forward_hook(
             lambda module, args, output, name=name: values.__setitem__(name, output)))
     handles.append(model.fc.register_forward_pre_hook(lambda module, args: values.__setitem__("proj", args[0])))
@@ -111,3 +112,56 @@ def test_layer_name_listings():
     names = layer_names(gm)
     assert {"stage", "stage.0", "stage.0.bn", "proj"} <= set(names)
     assert not any(".factors" in n or n.endswith(".compose") for n in names)
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_default_taps_of_a_model_expanded_without_tracing(mode):
+    """An eagerly expanded model traces with its expanded layers as leaves: they are conv/linear layers
+    under their module names, as in the dense model and its graph expansion, and tap their outputs."""
+    model = Net().eval()
+    x = torch.randn(2, 3, 6, 6)
+    _, hooked = _hooked(model, x, [n for n in LINEAR if n != "proj"])
+    eager = fxlop.expand(model, trace=False, mode=mode)
+    gm = passes.trace(eager)
+    assert linear_layer_names(gm) == linear_layer_names(fxlop.expand(model)) == LINEAR
+    with torch.no_grad():
+        _, taps = tap(gm, LINEAR)(x)
+    for name in LINEAR:
+        assert relative_error(taps[name], hooked[name]) <= FP32_RTOL, name
+
+
+class DictNet(Net):
+    """Keyword inputs and a dict output, as Hugging Face models take and give them."""
+
+    def forward(self, pixels, *, shift):
+        return {"logits": super().forward(pixels + shift), "shift": shift}
+
+
+@pytest.mark.parametrize("mode", ["online", "chain"])
+def test_default_taps_of_the_export_graph_of_a_model_expanded_without_tracing(mode):
+    """In the torch.export graph of an eagerly expanded model an expanded layer is no module but a
+    stretch of the graph (composed factors, one conv); the module metadata names it, so the default
+    taps list it under its module name and tap its output, and the tapped graph keeps the model's
+    keyword inputs and output structure."""
+    model = DictNet().eval()
+    inputs = {"pixels": torch.randn(2, 3, 6, 6), "shift": torch.randn(2, 3, 6, 6)}
+    plain = Net().eval()
+    plain.load_state_dict(model.state_dict())
+    _, hooked = _hooked(plain, inputs["pixels"] + inputs["shift"], [n for n in LINEAR if n != "proj"])
+    eager = fxlop.expand(model, trace=False, mode=mode)
+    student = torch.export.export(eager, (), inputs).module()
+    teacher = torch.export.export(model, (), inputs).module()
+    assert not any(type(m).__name__ == "ExpandedLayer" for m in student.modules())  # layers exist only as names
+    # the expanded layers by module name; the functional call on `proj` by its parameter, as before
+    assert linear_layer_names(student) == LINEAR
+    assert linear_layer_names(teacher) == [f"{n}.weight" if n != "proj" else n for n in LINEAR]
+    for gm in (student, teacher):
+        with torch.no_grad():
+            out, taps = tap(gm, LINEAR)(**inputs)
+        assert set(out) == {"logits", "shift"} and torch.equal(out["shift"], inputs["shift"])
+        assert relative_error(out["logits"], model(**inputs)["logits"]) <= FP32_RTOL
+        for name in LINEAR:
+            assert relative_error(taps[name], hooked[name]) <= FP32_RTOL, name
+
+
+LINEAR = ["stem", "stage.0.conv1", "stage.0.conv2", "stage.1.conv1", "stage.1.conv2", "proj", "fc"]
