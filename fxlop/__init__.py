@@ -3,13 +3,13 @@
 ``expand`` a pruned model, fine-tune it, ``fuse`` it back to exactly the pruned architecture;
 ``verify`` checks each step numerically.
 """
-from .core import expand, fuse, report
+from .core import expand, fuse, overparameterized, report
 from .distill import distiller, similarity_loss
 from .errors import EquivalenceError, ExpansionError, FusionError, FxlopError, SelectionError, TraceError
 from .train import TrainConfig, evaluate, finetune, load_checkpoint, param_groups
 from .verify import verify
 
 __version__ = "0.1.0"
-__all__ = ["expand", "fuse", "report", "verify", "finetune", "evaluate", "TrainConfig", "load_checkpoint", "param_groups", "similarity_loss",
-           "distiller", "FxlopError", "TraceError", "ExpansionError", "FusionError",
+__all__ = ["expand", "fuse", "overparameterized", "report", "verify", "finetune", "evaluate", "TrainConfig",
+           "load_checkpoint", "param_groups", "similarity_loss", "distiller", "FxlopError", "TraceError", "ExpansionError", "FusionError",
            "SelectionError", "EquivalenceError", "__version__"]

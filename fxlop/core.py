@@ -11,6 +11,7 @@ import passes
 from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, check_options
 from passes.expanded import ExpandedLayer, parameter_count
 from passes.graph import set_attr
+from passes.ops import module_function
 from passes.select import Patterns, selector
 
 
@@ -149,3 +150,152 @@ def _fuse_modules(model: nn.Module) -> nn.Module:
                               n for n, m in model.named_modules() if m in fused.values())],
                                    "params": parameter_count(model)}}
     return model
+
+
+class overparameterized:
+    """Expand the conv/linear layers of ``model`` *in place* for a ``with`` block; fuse them back on exit.
+
+    For code that holds the model object (a trainer, callbacks, your own loop)::
+
+        with fxlop.overparameterized(model, expansion=4) as model:
+            optimizer = torch.optim.SGD(fxlop.param_groups(model, lr=0.05, weight_decay=5e-4), momentum=0.9)
+            ...  # train `model`
+        # `model` is compact again, with the trained weights
+
+    On entry every expandable layer of ``model`` is swapped for a :class:`passes.ExpandedLayer` (the
+    module swap of ``fxlop.expand(model, trace=False)``, with the same options, selection, limits and
+    report, ``fxlop.report(model)``); all are built before the first is swapped in, so a refusal or an
+    error leaves ``model`` as it was.  ``as`` gives ``model`` itself.  Inside the block its
+    ``state_dict`` has the keys and shapes of ``fxlop.expand(model, <same options>)`` (either way of
+    expanding), and at the start the same values: the factors are seeded by ``seed`` and each layer's
+    name.  On exit each layer's factors are composed in float64 and written into the *original*
+    module object, which is put back: ``model`` ends with its own modules, module types,
+    ``state_dict`` keys and shapes, and the trained weights (each weight ``Parameter`` is the one it
+    had before the block, on the device and in the dtype of the factors).
+
+    Exceptions: leaving the block by an exception (``KeyboardInterrupt`` included) fuses back all the
+    same, so ``model`` stays compact and usable with the weights training had reached; the exception
+    then propagates (it is never suppressed).  If fusing itself fails (a factor edited to another
+    shape, out of memory), every layer gets back the weight it had before the block and
+    :class:`FusionError` is raised.  The model is never left half expanded.
+
+    Optimizers: one built inside the block (on the factors) is stale after it: its parameters are
+    no longer part of ``model``; build a new one for the compact model.  One built before the block
+    holds the original weights, which are not part of ``model`` inside it (they get no gradient and
+    are not trained there) and hold the fused weights again after it.
+
+    Not nested: a model that already holds expanded layers (from an enclosing block, a block on one
+    of its submodules or parents, or ``fxlop.expand(..., trace=False)``) is refused with
+    :class:`ExpansionError`, and so is entering the same block object twice; a block can be entered
+    again after it exited (a fresh expansion).
+
+    Args:
+        model: an ``nn.Module`` (not a layer itself: its layers are swapped inside it).
+        expansion, mode, include, exclude, depth, seed, init, max_params, max_bytes, max_seconds,
+            max_layer_params: as for :func:`expand`; checked here, before any work.
+
+    Raises:
+        ExpansionError: invalid options, an expansion over a limit, a model already expanded.
+    """
+
+    def __init__(self, model: nn.Module, *, expansion: float = 4, mode: str = "online", include: Patterns = None,
+                 exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
+                 max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
+                 max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS):
+        if not isinstance(model, nn.Module):
+            raise passes.FxlopError(f"overparameterized expands an nn.Module in place, got {type(model).__name__}")
+        if module_function(model) is not None:
+            raise passes.ExpansionError(f"overparameterized swaps the layers inside a model; the model itself is a "
+                                        f"{type(model).__name__}: wrap it in a module (nn.Sequential(layer))")
+        check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
+                      max_layer_params=max_layer_params)
+        for patterns in (include, exclude):
+            selector(patterns)
+        self.model = model
+        self.options = dict(expansion=expansion, mode=mode, include=include, exclude=exclude, depth=depth, seed=seed,
+                            init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
+                            max_layer_params=max_layer_params)
+        # while active: (expanded layer, the module it replaced, the names it sits at)
+        self._records: list[tuple[ExpandedLayer, nn.Module, list[str]]] | None = None
+        self._report: tuple[bool, object] = (False, None)
+
+    def __enter__(self) -> nn.Module:
+        model = self.model
+        if self._records is not None:
+            raise passes.ExpansionError("this fxlop.overparameterized block is already active: it cannot be "
+                                        "entered twice")
+        present = [n for n, m in model.named_modules() if isinstance(m, ExpandedLayer)]
+        if present:
+            raise passes.ExpansionError(
+                f"{type(model).__name__} already holds expanded layers ({', '.join(present[:3])}"
+                f"{', ...' if len(present) > 3 else ''}): fxlop.overparameterized does not nest; exit the enclosing "
+                f"block first (or fuse a model expanded with trace=False: fxlop.fuse)")
+        before = dict(model.named_modules(remove_duplicate=False))
+        self._report = ("fxlop_report" in model.__dict__, model.__dict__.get("fxlop_report"))
+        passes.expand_modules(model, in_place=True, **self.options)
+        try:
+            records: dict[int, tuple[ExpandedLayer, nn.Module, list[str]]] = {}
+            for name, module in model.named_modules(remove_duplicate=False):
+                if isinstance(module, ExpandedLayer):
+                    records.setdefault(id(module), (module, before[name], []))[2].append(name)
+            self._records = list(records.values())
+        except BaseException:
+            for name, module in before.items():
+                if name and isinstance(_submodule(model, name), ExpandedLayer):
+                    set_attr(model, name, module)
+            self._restore_report()
+            raise
+        return model
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        records, self._records = self._records, None
+        try:
+            self._fuse_back(records or [])
+        finally:
+            self._restore_report()
+        return False  # an exception from the block propagates
+
+    def _fuse_back(self, records) -> None:
+        model = self.model
+        # the layers still where the block put them (code inside may have replaced some)
+        records = [(layer, original, [n for n in names if _submodule(model, n) is layer])
+                   for layer, original, names in records]
+        records = [record for record in records if record[2]]
+        try:  # every weight is composed before any module is put back
+            weights = []
+            with torch.no_grad():
+                for layer, original, names in records:
+                    weight = layer.fused_weight()
+                    if weight.shape != original.weight.shape:
+                        raise passes.FusionError(f"'{names[0]}' composes to a weight of shape {tuple(weight.shape)}, "
+                                                 f"not {tuple(original.weight.shape)}")
+                    weights.append(weight)
+        except Exception as error:
+            for layer, original, names in records:
+                for name in names:
+                    set_attr(model, name, original)
+            raise passes.FusionError(f"fxlop.overparameterized could not fuse the expanded layers back ({error}); "
+                                     f"the model has its layers back with their weights from before the block, "
+                                     f"the training inside it is lost") from error
+        for (layer, original, names), weight in zip(records, weights):
+            original.weight.data = weight  # the same Parameter, now on the factors' device and dtype
+            original.weight.grad = None
+            if original.bias is not layer.bias:
+                original.bias = layer.bias
+            original.train(layer.training)
+            for name in names:
+                set_attr(model, name, original)
+
+    def _restore_report(self) -> None:
+        had, previous = self._report
+        if had:
+            self.model.fxlop_report = previous
+        else:
+            self.model.__dict__.pop("fxlop_report", None)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

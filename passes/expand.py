@@ -182,9 +182,15 @@ def expand_modules(model: nn.Module, *, expansion: float = 4, mode: str = "onlin
                    include: Patterns = None, exclude: Patterns = None, seed: int = 0, init: str = "orthogonal",
                    max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
                    max_seconds: float | None = MAX_SECONDS,
-                   max_layer_params: int | None = MAX_LAYER_PARAMS) -> nn.Module:
+                   max_layer_params: int | None = MAX_LAYER_PARAMS, in_place: bool = False) -> nn.Module:
     """Expand without a graph: a copy of ``model`` whose expandable conv/linear modules are replaced by
     :class:`ExpandedLayer` modules that run the chain themselves (control flow in ``forward`` is fine).
+
+    ``in_place=True`` swaps the layers of ``model`` itself and returns it (no copy, so no copy's memory
+    either): every expanded layer is built before the first one is swapped in, so an error (or an
+    interrupt) during the expansion leaves ``model`` as it was, never half expanded.  An expanded layer
+    keeps the replaced module's ``bias`` parameter itself; the replaced modules are no longer part of
+    ``model`` (hold on to them to put them back, as ``fxlop.overparameterized`` does).
 
     The module-swap back end of the expansion driver: the same selection, limits and report as
     :func:`expand` (in the copy's ``fxlop_report["expand"]``), from the module tree instead of a
@@ -195,7 +201,7 @@ def expand_modules(model: nn.Module, *, expansion: float = 4, mode: str = "onlin
     """
     return _expand(model, _MODULES, expansion=expansion, mode=mode, depth=depth, include=include, exclude=exclude,
                    seed=seed, init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
-                   max_layer_params=max_layer_params)
+                   max_layer_params=max_layer_params, in_place=in_place)
 
 
 expand.__doc__ += _OPTIONS_DOC
@@ -212,9 +218,11 @@ class _BackEnd:
 
 
 def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, mode, depth, include, exclude, seed, init,
-            max_params, max_bytes, max_seconds, max_layer_params) -> nn.Module:
+            max_params, max_bytes, max_seconds, max_layer_params, in_place: bool = False) -> nn.Module:
     """The expansion driver: what to expand and why, the limits, the copy, the report; ``back_end``
-    does the rest."""
+    does the rest.  ``in_place`` (module swap only): no copy; all layers are swapped in at the end."""
+    if in_place and back_end.traced:
+        raise ExpansionError("only the module swap (expand_modules) expands in place")
     limits = dict(max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
                   max_layer_params=max_layer_params)
     check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
@@ -228,19 +236,24 @@ def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, mode, depth, inc
                                    expansion=expansion, depth=depth, max_layer_params=max_layer_params)
     skipped.update(dense)
     params_before = parameter_count(model)
-    estimate = check_budget(planned, params_before=params_before, copy_bytes=parameter_bytes(model),
+    estimate = check_budget(planned, params_before=params_before,
+                            copy_bytes=0 if in_place else parameter_bytes(model),
                             expansion=expansion, depth=depth, **limits)
 
-    model = copy.deepcopy(model)
-    layers, _ = back_end.find(model)
-    expanded = []
+    if not in_place:
+        model = copy.deepcopy(model)
+        layers, _ = back_end.find(model)
+    expanded, built = [], []
     for item in progress(planned, "expand", [p.seconds[0] for p in planned], [p.name for p in planned]):
         layer = layers[item.name]
         container = new_expanded_layer(layer.weight, item.groups, item.shapes, item.kernel_index,
                                        linalg.generator(seed, layer.weight.device, item.name),
                                        balanced=init == "balanced", module=layer.module, mode=mode,
                                        in_graph=back_end.traced, transposed_weight=layer.transposed)
-        back_end.replace(model, layer, container, mode)
+        if in_place:
+            built.append((layer, container))
+        else:
+            back_end.replace(model, layer, container, mode)
         expanded.append({
             "name": layer.name, "type": layer.module_type.__name__,
             "origin": "module" if layer.module is not None else "functional",
@@ -249,6 +262,8 @@ def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, mode, depth, inc
             "call_sites": len(layer.sites) if back_end.traced else None, "weight_reads": layer.reads,
             "params_before": layer.weight.numel(), "params_after": sum(f.numel() for f in container.factors),
         })
+    if in_place:
+        _swap_all(model, built)
     return back_end.finish(model, {
         "expansion": expansion, "mode": mode, "depth": depth, "seed": seed, "init": init, "traced": back_end.traced,
         "expanded": expanded, "reduced": reduced, "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
@@ -791,6 +806,20 @@ def _swap(model: nn.Module, layer: _Layer, container: ExpandedLayer, mode: str) 
     """Module back end: put ``container`` at every name of the module (it runs the chain itself)."""
     for name in layer.names:
         set_attr(model, name, container)
+
+
+def _swap_all(model: nn.Module, built: list[tuple[_Layer, ExpandedLayer]]) -> None:
+    """Module back end in place: swap every built layer in, or, if that is interrupted, none."""
+    done = []
+    try:
+        for layer, container in built:
+            for name in layer.names:
+                set_attr(model, name, container)
+                done.append((name, layer.module))
+    except BaseException:
+        for name, module in reversed(done):
+            set_attr(model, name, module)
+        raise
 
 
 def _finish_modules(model: nn.Module, report: dict) -> nn.Module:

@@ -242,6 +242,24 @@ def test_finetune_and_evaluate_take_keyword_batches():
         assert not torch.equal(model.eval()(**batch).logits, logits)
 
 
+def test_gpt2_in_place_block_keeps_conv1d_and_its_tie():
+    model = _model("gpt2")
+    keys = _shapes(model)
+    modules = dict(model.named_modules())
+    with fxlop.overparameterized(model, expansion=2) as model:
+        assert isinstance(model.transformer.h[0].attn.c_attn, ExpandedLayer)
+        assert model.lm_head.weight is model.transformer.wte.weight
+        _perturb(model)
+        expected = model(**TEXT).logits.detach()
+        fused = {n: m.fused_weight() for n, m in model.named_modules() if isinstance(m, ExpandedLayer)}
+    assert dict(model.named_modules()) == modules  # the same module objects, Conv1D included
+    assert _shapes(model) == keys
+    assert model.lm_head.weight is model.transformer.wte.weight
+    for name, weight in fused.items():
+        assert torch.equal(model.get_submodule(name).weight, weight), name
+    assert (model(**TEXT).logits - expected).abs().max() <= FP32_RTOL * expected.abs().max()
+
+
 def test_export_path_taps_pair_by_default():
     dense = _model("bert")
     exported = torch.export.export(dense, (), TEXT)
