@@ -140,7 +140,10 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
              **options) -> FinetuneResult:
     """Fine-tune ``model`` in place with cross-entropy + ``gamma`` * SP loss against ``teacher``.
 
-    The teacher is copied, frozen and run in eval mode under ``no_grad``.  Under ``torchrun`` (the
+    The teacher is copied, frozen and run in eval mode under ``no_grad``.  ``teacher`` may also be a
+    :class:`~fxlop.distill.Distiller` built by :func:`fxlop.distiller` whose student holds ``model``'s
+    parameters: the way to distill into models ``torch.fx`` cannot trace (Hugging Face's), from their
+    ``torch.export`` modules; ``config.taps``/``tap_reduction`` are then the distiller's own.  Under ``torchrun`` (the
     ``WORLD_SIZE`` environment variable above 1) the student runs in ``DistributedDataParallel``
     (nccl on CUDA, gloo on CPU), the loaders must use a ``DistributedSampler``, metrics are reduced
     across ranks and only rank 0 writes the log and checkpoints.
@@ -172,7 +175,8 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
     kd: Distiller | None = None
     forward_model: nn.Module = model
     if config.gamma > 0:
-        kd = distiller(teacher, model, config.taps, reduction=config.tap_reduction)
+        kd = _own_distiller(teacher, model) if isinstance(teacher, Distiller) else distiller(
+            teacher, model, config.taps, reduction=config.tap_reduction)
         kd.scale = None if config.sp_weighting == "relative" else 1.0
         kd.teacher.to(device)
         forward_model = kd.student
@@ -222,6 +226,18 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
                 with open(log_path, "a") as log:
                     log.write(json.dumps(record) + "\n")
     return FinetuneResult(model, history, kd.names if kd else [])
+
+
+def _own_distiller(kd: Distiller, model: nn.Module) -> Distiller:
+    """A distiller the caller built (e.g. from ``torch.export`` graphs of a Hugging Face model, which
+    ``torch.fx`` cannot trace), checked to train ``model``: its student must hold ``model``'s parameters."""
+    student = {id(p) for p in kd.student.parameters()}
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in student]
+    if missing:
+        raise FxlopError(f"the distiller passed as teacher does not train this model: its student lacks "
+                         f"{len(missing)} of the model's parameters (e.g. {missing[:3]}); build it with "
+                         f"fxlop.distiller(teacher, <the model or its torch.export module>)")
+    return dataclasses.replace(kd)  # finetune sets its scale; the caller's distiller keeps its own
 
 
 def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device | None = None,

@@ -278,3 +278,35 @@ def test_untraceable_models_keep_raising_a_trace_error_that_names_both_ways_out(
     expanded = fxlop.expand(model, trace=False)
     with pytest.raises(fxlop.TraceError):
         fxlop.distiller(model, expanded)
+
+
+def test_finetune_distills_into_a_hugging_face_model_through_a_distiller_of_its_export_graphs():
+    """torch.fx cannot trace Hugging Face models: finetune takes a ready distiller of export graphs."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     **SMALL, **TOKENS)
+    dense = transformers.BertForSequenceClassification(config).eval()
+    generator = torch.Generator().manual_seed(2)
+    batch = {"input_ids": torch.randint(1, 64, (6, 8), generator=generator),
+             "attention_mask": (torch.rand(6, 8, generator=generator) > 0.2).long()}
+    labels = torch.randint(0, 3, (6,), generator=generator)
+    teacher = torch.export.export(dense, (), batch).module()
+    students, distillers = [], []
+    for _ in range(2):  # the same start twice: trained with SP, and without
+        student = fxlop.expand(dense, trace=False, expansion=2)
+        torch.manual_seed(1)
+        _perturb(student)
+        students.append(student)
+        distillers.append(fxlop.distiller(teacher, torch.export.export(student, (), batch).module()))
+    with torch.no_grad():
+        start = distillers[0](**batch)[1].item()
+    with_sp = fxlop.finetune(students[0], [(batch, labels)] * 3, teacher=distillers[0], gamma=10.0, epochs=2,
+                             lr=0.02, device="cpu", progress=False)
+    fxlop.finetune(students[1], [(batch, labels)] * 3, epochs=2, lr=0.02, device="cpu", progress=False)
+    assert with_sp.taps == distillers[0].names and with_sp.history[0]["train_sp"] > 0
+    with torch.no_grad():
+        after = [sp(**batch)[1].item() for sp in distillers]  # each distiller reads its student's factors
+    # cross-entropy moves both away from the teacher (from start); the SP term held the distilled one closer
+    assert after[0] < after[1] and start < after[1]
+    with pytest.raises(fxlop.FxlopError, match="does not train this model"):
+        fxlop.finetune(fxlop.expand(dense, trace=False), [(batch, labels)], teacher=distillers[0], gamma=1.0, epochs=1)
