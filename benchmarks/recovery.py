@@ -1,20 +1,25 @@
-"""Accuracy recovered after pruning: vanilla fine-tuning, SP-only, LOP and LOP+SP, same budget.
+"""Accuracy recovered after pruning: vanilla fine-tuning, SP-only, LOP, LOP+SP and LOP variants, same budget.
 
-Protocol (one command, everything in one run): a dense model is trained once on the training
-split (cached); it is pruned at each ratio with torch-pruning (l2 group magnitude, classifier kept).
-Every method gets its own learning rate from a small sweep scored on a validation split carved from
-the training data, never on the test split; then every (ratio, budget, method) is fine-tuned with
-that rate over several seeds, on the same split, schedule (SGD momentum 0.9, cosine) and budget, and
-scored once on the test split.  Runs go to two worker processes of one thread each.
+Protocol (one command, everything in one run): for each dataset (digits with a CIFAR-style ResNet-20,
+MNIST-1D with a 1-D CNN by default) a dense model is trained once on the training split (cached); it
+is pruned at each ratio with torch-pruning (l2 group magnitude, classifier kept). Every method gets
+its own learning rate from a small sweep scored on a validation split carved from the training data,
+never on the test split; then every (ratio, budget, method) is fine-tuned with that rate over several
+seeds, on the same split, schedule (SGD momentum 0.9, cosine) and budget, and scored once on the test
+split. The paper protocol runs every method again at one fixed rate (0.01), as pruning papers
+fine-tune, to show how much of a difference is a learning-rate effect. Runs go to worker processes
+of one thread each; every setting is checked before the first run.
 
-    python benchmarks/recovery.py                     # digits grid, ~30 min on 2 cores
+    python benchmarks/recovery.py --update-readme     # both datasets, about 2 h on 2 cores
     python benchmarks/recovery.py --study             # the lever study at R=0.8 (validation split)
-    python benchmarks/recovery.py --quick             # a smoke run (seconds)
-    python benchmarks/recovery.py --dataset cifar10 --data-dir ~/data --model resnet56 --device cuda \\
+    python benchmarks/recovery.py --rounds-study      # one prune -> fine-tune round against three, R=0.9
+    python benchmarks/recovery.py --quick             # a smoke run (a minute)
+    python benchmarks/recovery.py --datasets cifar10 --data-dir ~/data --model resnet56 --device cuda \\
         --dense-epochs 160 --budgets 20 80 --workers 1
 
 Writes benchmarks/results/recovery.json (every experiment with its settings), recovery.md (the
-table the README shows) and recovery.png.
+tables the README shows) and recovery.png; the study and the rounds study write recovery_study.* and
+recovery_rounds.*.
 """
 from __future__ import annotations
 
