@@ -289,7 +289,7 @@ def grid(args, setup: Setup) -> dict:
             for r in ratios for b in budgets for m in methods for s in seeds]
     if args.paper_lr:
         jobs += [(setup, r, dataclasses.replace(methods[m], lr=args.paper_lr, name=f"{m}@paper"), s, b)
-                 for r in ratios for b in budgets for m in methods for s in seeds]
+                 for r in ratios for b in (args.paper_budgets or budgets) for m in methods for s in seeds]
     results = run_all(jobs, args.workers)
     rows = []
     for ratio in ratios:
@@ -310,7 +310,7 @@ def grid(args, setup: Setup) -> dict:
             rows.append(row)
     dense = context(setup)["dense"]
     return {"setup": dataclasses.asdict(setup), "machine": common.machine(), "seeds": seeds, "lrs": args.lrs,
-            "paper_lr": args.paper_lr, "workers": args.workers, "methods": {n: dataclasses.asdict(m) for n, m in methods.items()},
+            "paper_lr": args.paper_lr, "paper_budgets": args.paper_budgets or budgets, "workers": args.workers, "methods": {n: dataclasses.asdict(m) for n, m in methods.items()},
             "dense_test": 100 * fxlop.evaluate(dense, context(setup)["loaders"]["test"])["accuracy"],
             "rows": rows, "runs": results, "sweep": sweep_results, "wall_time_s": time.perf_counter() - began}
 
@@ -336,8 +336,8 @@ def grid_markdown(combined: dict) -> str:
         parts.append(_rows_markdown(result["rows"], "methods", names, show_lr=True))
         if result.get("paper_lr"):
             parts.append(f"Paper protocol: every method at one fixed learning rate of {result['paper_lr']:g} "
-                         f"(as pruning papers fine-tune), same seeds and budgets.")
-            parts.append(_rows_markdown(result["rows"], "paper", names, show_lr=False))
+                         f"(as pruning papers fine-tune), same seeds.")
+            parts.append(_rows_markdown([r for r in result["rows"] if r["paper"]], "paper", names, show_lr=False))
     return "\n\n".join(parts)
 
 
@@ -550,6 +550,8 @@ def main(argv=None):
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
     parser.add_argument("--paper-lr", type=float, default=0.01,
                         help="also run every method at this one learning rate (0 to skip)")
+    parser.add_argument("--paper-budgets", type=int, nargs="+", default=None,
+                        help="budgets (epochs) the paper protocol runs at; default: every budget")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sweep-seeds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
@@ -571,6 +573,8 @@ def main(argv=None):
     if args.rounds_study and max(args.budgets) < max(args.rounds):
         parser.error(f"--rounds-study: the budget of {max(args.budgets)} epochs cannot give {max(args.rounds)} rounds "
                      f"an epoch each")
+    if args.paper_budgets and not set(args.paper_budgets) <= set(args.budgets):
+        parser.error(f"--paper-budgets {args.paper_budgets} must be among --budgets {args.budgets}")
     unknown = [d for d in args.datasets if args.model is None and d not in DEFAULT_MODELS]
     if unknown:
         parser.error(f"no default model for {unknown}: pass --model")
