@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fxlop  # noqa: E402
-from fxlop.data import load_dataset, make_loader  # noqa: E402
+from fxlop.data import MNIST1D_REFERENCE, load_dataset, make_loader  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune, prune_steps  # noqa: E402
 from passes.expanded import ExpandedLayer  # noqa: E402
@@ -327,8 +327,10 @@ def grid_markdown(combined: dict) -> str:
     for result in combined["results"]:
         setup = result["setup"]
         names = list(result["rows"][0]["methods"])
+        reference = ("" if setup["dataset"] != "mnist1d" else " (published references, Greydanus 2020: " +
+                     ", ".join(f"{k} {v:g} %" for k, v in MNIST1D_REFERENCE.items()) + ")")
         parts.append(
-            f"**{setup['model']} on {setup['dataset']}**, dense {result['dense_test']:.1f} % test accuracy; test "
+            f"**{setup['model']} on {setup['dataset']}**, dense {result['dense_test']:.1f} % test accuracy{reference}; test "
             f"accuracy % after fine-tuning, mean ± std over {len(result['seeds'])} seeds, each method at its best "
             f"learning rate (in brackets) from a sweep over {result['lrs']} scored on a validation split. "
             f"Measured {result['machine']['date']} on {result['machine']['cpu']} ({result['workers']} worker "
