@@ -7,6 +7,8 @@ what the model computes, and after its factors are perturbed it fuses back to it
 keys and shapes and computes what the perturbed expanded model computes (fp32, 1e-5 relative).
 """
 import os
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -14,7 +16,6 @@ import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 import fxlop  # noqa: E402
 from passes import ExpandedLayer  # noqa: E402
@@ -22,76 +23,15 @@ from passes import ExpandedLayer  # noqa: E402
 from conftest import FP32_RTOL  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-from transformers.pytorch_utils import Conv1D  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import huggingface  # noqa: E402
+from huggingface import IMAGES, SMALL, TEXT, TOKENS, ZOO  # noqa: E402
 
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-TOKENS = dict(vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0)
-
-
-def _bert():
-    return transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **SMALL, **TOKENS))
-
-
-def _gpt2():
-    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, use_cache=False,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config)
-
-
-def _llama():
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, use_cache=False, **SMALL,
-                                                                  **TOKENS))
-
-
-def _vit():
-    return transformers.ViTForImageClassification(transformers.ViTConfig(image_size=16, patch_size=4, num_labels=3,
-                                                                         **SMALL))
-
-
-def _resnet():
-    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                                       num_labels=3)
-    return transformers.ResNetForImageClassification(config)
-
-
-TEXT = {"input_ids": torch.randint(1, 64, (2, 8), generator=torch.Generator().manual_seed(0))}
-IMAGES = {"pixel_values": torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
-#: name -> (builder, inputs, names of the layers that share their weight with another parameter)
-ZOO = {
-    "bert": (_bert, TEXT, []),
-    "gpt2": (_gpt2, TEXT, ["lm_head"]),
-    "llama": (_llama, TEXT, []),
-    "vit": (_vit, IMAGES, []),
-    "resnet": (_resnet, IMAGES, []),
-}
-
-
-def _model(name):
-    torch.manual_seed(0)
-    return ZOO[name][0]().eval()
-
-
-def _layers(model):
-    """The names of the conv/linear layers of ``model`` (Conv1D included), each once."""
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
-    return [name for name, module in model.named_modules() if type(module) in kinds]
-
-
-def _perturb(model):
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator) * param.std())
+_model, _layers, _perturb, _expand = huggingface.build, huggingface.layers, huggingface.perturb, huggingface.expand
 
 
 def _shapes(model):
     return {key: value.shape for key, value in model.state_dict().items()}
-
-
-def _expand(model, path, inputs, **options):
-    if path == "eager":
-        return fxlop.expand(model, trace=False, **options)
-    return fxlop.expand(torch.export.export(model, (), inputs), **options)
 
 
 @pytest.mark.parametrize("path", ["eager", "export"])
@@ -310,3 +250,15 @@ def test_finetune_distills_into_a_hugging_face_model_through_a_distiller_of_its_
     assert after[0] < after[1] and start < after[1]
     with pytest.raises(fxlop.FxlopError, match="does not train this model"):
         fxlop.finetune(fxlop.expand(dense, trace=False), [(batch, labels)], teacher=distillers[0], gamma=1.0, epochs=1)
+
+
+def test_benchmark_table_is_its_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface.common, "RESULTS", tmp_path)
+    result = huggingface.main(["gpt2"])
+    (row,) = result["rows"]
+    assert row["symbolic_trace"] == "TraceError"
+    for path in huggingface.PATHS:
+        assert (row[path]["expanded"], row[path]["layers"]) == (8, 9) and len(row[path]["skipped"]) == 1
+        assert row[path]["expand_error"] <= FP32_RTOL and row[path]["fuse_error"] <= FP32_RTOL
+        assert row[path]["same_state_dict"]
+    assert (tmp_path / "huggingface.md").read_text() == huggingface.markdown(result) + "\n"
