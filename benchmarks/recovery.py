@@ -330,9 +330,10 @@ def grid_markdown(combined: dict) -> str:
         reference = ("" if setup["dataset"] != "mnist1d" else " (published references, Greydanus 2020: " +
                      ", ".join(f"{k} {v:g} %" for k, v in MNIST1D_REFERENCE.items()) + ")")
         parts.append(
-            f"**{setup['model']} on {setup['dataset']}**, dense {result['dense_test']:.1f} % test accuracy{reference}; test "
-            f"accuracy % after fine-tuning, mean ± std over {len(result['seeds'])} seeds, each method at its best "
-            f"learning rate (in brackets) from a sweep over {result['lrs']} scored on a validation split. "
+            f"**{setup['model']} on {setup['dataset']}**, dense {result['dense_test']:.1f} % test accuracy"
+            f"{reference}; test accuracy % after fine-tuning, mean ± std over {len(result['seeds'])} seeds, each method at its best "
+            f"learning rate (in brackets) from a sweep over {result['lrs']} ({_count(result['sweep'], 'seed')} "
+            f"seed(s), {min(r['epochs'] for r in result['sweep'])} epochs) scored on a validation split. "
             f"Measured {result['machine']['date']} on {result['machine']['cpu']} ({result['workers']} worker "
             f"processes of 1 thread), {result['wall_time_s'] / 60:.0f} min.")
         parts.append(_rows_markdown(result["rows"], "methods", names, show_lr=True))
@@ -341,6 +342,10 @@ def grid_markdown(combined: dict) -> str:
                          f"(as pruning papers fine-tune), same seeds.")
             parts.append(_rows_markdown([r for r in result["rows"] if r["paper"]], "paper", names, show_lr=False))
     return "\n\n".join(parts)
+
+
+def _count(runs: list[dict], key: str) -> int:
+    return len({run[key] for run in runs})
 
 
 def _rows_markdown(rows: list[dict], key: str, names: list[str], show_lr: bool) -> str:
