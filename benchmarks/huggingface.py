@@ -133,7 +133,8 @@ def markdown(result: dict) -> str:
         cells = []
         for path in PATHS:
             r = row[path]
-            cells += [f"{r['expanded']} / {r['layers']}", "; ".join(f"{k}: {v}" for k, v in r["skipped"].items()) or "-",
+            left_alone = "; ".join(f"{k}: {v}" for k, v in r["skipped"].items()) or "-"
+            cells += [f"{r['expanded']} / {r['layers']}", left_alone,
                       f"{r['expand_error']:.1e}, {r['fuse_error']:.1e}"]
         lines.append(f"| {row['model']} | {row['symbolic_trace']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -299,7 +299,8 @@ def grid(args, setup: Setup) -> dict:
             row = {"ratio": ratio, "epochs": budget, "post_prune_test": 100 * post["test"], "params": int(params),
                    "macs": float(macs), "widths": _widths(pruned.widths_after), "methods": {}, "paper": {}}
             for name in methods:
-                for key, label, lr in (("methods", name, best[(ratio, name)]), ("paper", f"{name}@paper", args.paper_lr)):
+                for key, label, lr in (("methods", name, best[(ratio, name)]),
+                                       ("paper", f"{name}@paper", args.paper_lr)):
                     runs = [x for x in results if x["ratio"] == ratio and x["epochs"] == budget
                             and x["method"]["name"] == label]
                     if runs:
@@ -310,7 +311,8 @@ def grid(args, setup: Setup) -> dict:
             rows.append(row)
     dense = context(setup)["dense"]
     return {"setup": dataclasses.asdict(setup), "machine": common.machine(), "seeds": seeds, "lrs": args.lrs,
-            "paper_lr": args.paper_lr, "paper_budgets": args.paper_budgets or budgets, "workers": args.workers, "methods": {n: dataclasses.asdict(m) for n, m in methods.items()},
+            "paper_lr": args.paper_lr, "paper_budgets": args.paper_budgets or budgets, "workers": args.workers,
+            "methods": {n: dataclasses.asdict(m) for n, m in methods.items()},
             "dense_test": 100 * fxlop.evaluate(dense, context(setup)["loaders"]["test"])["accuracy"],
             "rows": rows, "runs": results, "sweep": sweep_results, "wall_time_s": time.perf_counter() - began}
 
@@ -331,7 +333,8 @@ def grid_markdown(combined: dict) -> str:
                      ", ".join(f"{k} {v:g} %" for k, v in MNIST1D_REFERENCE.items()) + ")")
         parts.append(
             f"**{setup['model']} on {setup['dataset']}**, dense {result['dense_test']:.1f} % test accuracy"
-            f"{reference}; test accuracy % after fine-tuning, mean ± std over {len(result['seeds'])} seeds, each method at its best "
+            f"{reference}; test accuracy % after fine-tuning, mean ± std over {len(result['seeds'])} seeds, each "
+            f"method at its best "
             f"learning rate (in brackets) from a sweep over {result['lrs']} ({_count(result['sweep'], 'seed')} "
             f"seed(s), {min(r['epochs'] for r in result['sweep'])} epochs) scored on a validation split. "
             f"Measured {result['machine']['date']} on {result['machine']['cpu']} ({result['workers']} worker "
@@ -546,7 +549,8 @@ DEFAULT_MODELS = {"digits": "resnet20", "mnist1d": "cnn1d", "cifar10": "resnet56
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["digits", "mnist1d"])
-    parser.add_argument("--model", default=None, help="default: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_MODELS.items()))
+    parser.add_argument("--model", default=None,
+                        help="default: " + ", ".join(f"{k}: {v}" for k, v in DEFAULT_MODELS.items()))
     parser.add_argument("--data-dir")
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--device", default="cpu")
