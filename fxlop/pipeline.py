@@ -112,11 +112,6 @@ class RunSettings:
         share, extra = divmod(self.train.epochs, self.rounds)
         return [share] * (self.rounds - 1) + [share + extra]
 
-    def round_ratios(self) -> list[float]:
-        """The pruning ratio of each round (of the channels left), so that the rounds reach ``ratio``."""
-        step = 1 - (1 - self.ratio) ** (1 / self.rounds)
-        return [step] * self.rounds
-
     def train_config(self, method: str, epochs: int | None = None) -> TrainConfig:
         """The fine-tuning settings of ``method`` (SP methods distill; the others do not)."""
         return dataclasses.replace(self.train, epochs=self.train.epochs if epochs is None else epochs,
