@@ -267,7 +267,7 @@ def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, mode, depth, inc
             "params_before": layer.weight.numel(), "params_after": sum(f.numel() for f in container.factors),
         })
     if in_place:
-        _swap_all(model, built)
+        _swap_all(model, built, mode)
     return back_end.finish(model, {
         "expansion": expansion, "mode": mode, "depth": depth, "seed": seed, "init": init, "traced": back_end.traced,
         "expanded": expanded, "reduced": reduced, "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
@@ -813,17 +813,17 @@ def _swap(model: nn.Module, layer: _Layer, container: ExpandedLayer, mode: str) 
         set_attr(model, name, container)
 
 
-def _swap_all(model: nn.Module, built: list[tuple[_Layer, ExpandedLayer]]) -> None:
-    """Module back end in place: swap every built layer in, or, if that is interrupted, none."""
+def _swap_all(model: nn.Module, built: list[tuple[_Layer, ExpandedLayer]], mode: str) -> None:
+    """Module back end in place: :func:`_swap` every built layer in, or, if that is interrupted, none."""
     done = []
     try:
         for layer, container in built:
-            for name in layer.names:
-                set_attr(model, name, container)
-                done.append((name, layer.module))
+            done.append(layer)
+            _swap(model, layer, container, mode)
     except BaseException:
-        for name, module in reversed(done):
-            set_attr(model, name, module)
+        for layer in reversed(done):
+            for name in layer.names:
+                set_attr(model, name, layer.module)
         raise
 
 
