@@ -61,6 +61,7 @@ class Method:
     sp: bool = False
     lr: float = 0.05
     expansion: float = 4
+    pointwise_expansion: float | None = 1.0  # r of 1x1 convs and linears (None: expansion), as fxlop.expand
     depth: int = 3
     init: str = "orthogonal"
     outer_scale: float = 1.0  # outer factors times this, kernel factor divided by it (depth - 1) times
@@ -223,7 +224,8 @@ def _finetune_pruned(pruned: nn.Module, method: Method, setup: Setup, seed: int,
     """``(deployed model, history, parameters trained)`` of one fine-tuning of ``pruned`` (not changed)."""
     dense = context(setup)["dense"]
     if method.lop:
-        student = fxlop.expand(pruned, expansion=method.expansion, depth=method.depth, init=method.init,
+        student = fxlop.expand(pruned, expansion=method.expansion, pointwise_expansion=method.pointwise_expansion,
+                               depth=method.depth, init=method.init,
                                include=_include(pruned, method.layers), seed=seed)
         rescale_factors(student, method.outer_scale)
     else:
@@ -338,13 +340,83 @@ def grid_markdown(combined: dict) -> str:
             f"learning rate (in brackets) from a sweep over {result['lrs']} ({_count(result['sweep'], 'seed')} "
             f"seed(s), {min(r['epochs'] for r in result['sweep'])} epochs) scored on a validation split. "
             f"Measured {result['machine']['date']} on {result['machine']['cpu']} ({result['workers']} worker "
-            f"processes of 1 thread), {result['wall_time_s'] / 60:.0f} min.")
+            f"processes of 1 thread), {result['wall_time_s'] / 60:.0f} min. " + _widths_sentence(result["methods"]))
         parts.append(_rows_markdown(result["rows"], "methods", names, show_lr=True))
+        if len({row["epochs"] for row in result["rows"]}) > 1:
+            parts.append("Accuracy against wall time on this machine: test % (mean) after each budget, and the "
+                         "seconds the fine-tuning took (median over seeds; expansion and fusion included; one "
+                         "thread per run):")
+            parts.append(_time_markdown(result["rows"], names))
         if result.get("paper_lr"):
             parts.append(f"Paper protocol: every method at one fixed learning rate of {result['paper_lr']:g} "
                          f"(as pruning papers fine-tune), same seeds.")
             parts.append(_rows_markdown([r for r in result["rows"] if r["paper"]], "paper", names, show_lr=False))
     return "\n\n".join(parts)
+
+
+def _time_markdown(rows: list[dict], names: list[str]) -> str:
+    lines = ["| R | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for ratio in dict.fromkeys(row["ratio"] for row in rows):
+        budgets = sorted((row for row in rows if row["ratio"] == ratio), key=lambda row: row["epochs"])
+        cells = [" → ".join(f"{row['methods'][n]['test']['mean']:.1f} in {_seconds(row, n):.0f} s" for row in budgets)
+                 for n in names]
+        lines.append(f"| {ratio} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _seconds(row: dict, name: str) -> float:
+    """Wall seconds of one fine-tuning of ``name`` at the row's budget."""
+    return row["methods"][name]["seconds_per_epoch"] * row["epochs"]
+
+
+def readme_markdown(combined: dict, name: str) -> str:
+    """The README's recovery block: the tables and both figures."""
+    return (grid_markdown(combined) + f"\n\n![recovery](benchmarks/results/{name}.png)\n\n"
+            f"![accuracy against wall time](benchmarks/results/{name}_time.png)")
+
+
+def time_plot(combined: dict, path: Path) -> None:
+    """Test accuracy against the wall time of the fine-tuning, one panel per dataset and ratio, one line per
+    method through its budgets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = combined["results"]
+    ratios = list(dict.fromkeys(row["ratio"] for row in results[0]["rows"]))
+    figure, axes = plt.subplots(len(results), len(ratios), figsize=(4.2 * len(ratios), 3.6 * len(results)),
+                                squeeze=False)
+    for axes_row, result in zip(axes, results):
+        names = list(result["rows"][0]["methods"])
+        for axis, ratio in zip(axes_row, ratios):
+            rows = sorted((r for r in result["rows"] if r["ratio"] == ratio), key=lambda r: r["epochs"])
+            for name in names:
+                axis.errorbar([_seconds(r, name) for r in rows], [r["methods"][name]["test"]["mean"] for r in rows],
+                              yerr=[r["methods"][name]["test"]["std"] for r in rows], marker="o", capsize=2,
+                              label=name)
+            axis.set_xscale("log")
+            axis.set_xlabel("fine-tuning wall time (s, one thread)")
+            axis.set_ylabel("test accuracy (%)")
+            axis.set_title(f"{result['setup']['dataset']}, R={ratio} ({', '.join(str(r['epochs']) for r in rows)} ep)",
+                           fontsize=9)
+            axis.grid(alpha=0.3)
+        axes_row[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _widths_sentence(methods: dict[str, dict]) -> str:
+    """How wide each LOP method's factors were (runs recorded before ``pointwise_expansion`` existed
+    expanded 1x1 convs and linears at ``expansion`` too)."""
+    widths: dict[tuple, list[str]] = {}
+    for name, method in methods.items():
+        if method["lop"]:
+            pointwise = method.get("pointwise_expansion") or method["expansion"]
+            widths.setdefault((method["expansion"], pointwise), []).append(name)
+    return " ".join(f"{', '.join(names)}: hidden widths r = {r:g}, on 1x1 convs and linears r = {p:g}."
+                    for (r, p), names in widths.items())
 
 
 def _count(runs: list[dict], key: str) -> int:
@@ -408,7 +480,7 @@ VARIANTS = {
     "lop_fuse_half": Method("lop_fuse_half", lop=True, factor_lr_scale=0.5, fuse_at=0.5),
     # every hidden width equal to the layer's own (r = 1): LOP's first-order update map does not
     # depend on the widths (README, "How LOP changes the optimizer"); this measures what the rest is worth
-    "lop_r1": Method("lop_r1", lop=True, factor_lr_scale=0.5, expansion=1),
+    "lop_r1": Method("lop_r1", lop=True, factor_lr_scale=0.5, expansion=1, pointwise_expansion=1),
     "sp_rel0.1": Method("sp_rel0.1", sp=True, sp_weighting="relative", gamma=0.1),
     "sp_rel0.3": Method("sp_rel0.3", sp=True, sp_weighting="relative", gamma=0.3),
     "sp_rel1": Method("sp_rel1", sp=True, sp_weighting="relative", gamma=1.0),
@@ -615,8 +687,9 @@ def main(argv=None):
     table = grid_markdown(combined)
     common.write(name, combined, table)
     grid_plot(combined, common.RESULTS / f"{name}.png")
+    time_plot(combined, common.RESULTS / f"{name}_time.png")
     if args.update_readme:
-        common.update_readme(name, table + f"\n\n![recovery](benchmarks/results/{name}.png)")
+        common.update_readme(name, readme_markdown(combined, name))
     print(table)
     return combined
 

@@ -1,7 +1,10 @@
 """Speed and memory of fxlop, as ratios measured side by side in one run.
 
-1. Fine-tuning step (forward + backward + SGD step) of the expanded model, ``online`` (the default)
-   and ``chain``, divided by the same step of the compact pruned model; training memory ratio.
+1. Fine-tuning step (forward + backward + SGD step, the optimizer ``fxlop.finetune`` builds) of the
+   expanded model, ``online`` (the default), ``online`` with every layer at ``r = 4`` (the default
+   before 1x1 convs and linears got ``pointwise_expansion = 1``) and ``chain``, divided by the same
+   step of the compact pruned model; training memory ratio; and where the time of one step goes
+   (forward, backward, optimizer; the composition of the kernels timed on its own).
 2. The fused model against the pruned model it came from: parameters, MACs, inference latency.
 3. ``expand`` + ``fuse`` wall time divided by ``torch.fx.symbolic_trace`` + ``copy.deepcopy``.
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -30,6 +34,12 @@ import common  # noqa: E402
 import fxlop  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune  # noqa: E402
+from fxlop.train import _optimizer  # noqa: E402
+from passes.expanded import ExpandedLayer  # noqa: E402
+
+#: the training configurations of part 1: name -> expand options (None: the compact model itself)
+STEP_MODES = {"compact": None, "online": dict(mode="online"), "online r=4": dict(mode="online", pointwise_expansion=None),
+              "chain": dict(mode="chain")}
 
 
 def _vit(depth, dim, heads, image=32, patch=4):
@@ -65,7 +75,7 @@ def pruned_half(factory, side, device):
 
 
 def training_step(model, x, y, bf16):
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = _optimizer(model, fxlop.TrainConfig(lr=1e-3))  # exactly what fxlop.finetune steps with
 
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -74,6 +84,46 @@ def training_step(model, x, y, bf16):
         loss.backward()
         optimizer.step()
     return step
+
+
+def step_split(model, x, y, bf16, sync, rounds: int = 5) -> dict[str, float]:
+    """Milliseconds (the minimum over ``rounds``) of each part of one training step, each part
+    synchronized and timed on its own: ``forward`` (loss included), ``backward``, ``optimizer``
+    (zero_grad + step); and, for an expanded model, ``compose`` and ``compose_backward``: composing
+    every expanded layer's kernel from its factors and back-propagating a gradient through it, alone
+    (the part of forward and backward that the compact model does not have)."""
+    optimizer = _optimizer(model, fxlop.TrainConfig(lr=1e-3))
+    layers = [m for m in model.modules() if isinstance(m, ExpandedLayer)]
+    best: dict[str, float] = {}
+
+    def clock(key, function):
+        sync()
+        began = time.perf_counter()
+        result = function()
+        sync()
+        best[key] = min(best.get(key, float("inf")), 1000 * (time.perf_counter() - began))
+        return result
+
+    def loss_of_model():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return F.cross_entropy(model(x).float(), y)
+
+    def kernels():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return [layer.compose(*layer.factors) for layer in layers]
+
+    grads = [torch.randn_like(k) for k in kernels()]
+    for index in range(rounds + 2):  # two rounds of warm-up
+        if index == 2:
+            best.clear()
+        loss = clock("forward", loss_of_model)
+        clock("backward", loss.backward)
+        clock("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+        if layers:
+            composed = clock("compose", kernels)
+            clock("compose_backward", lambda: torch.autograd.backward(composed, grads))
+            optimizer.zero_grad(set_to_none=True)
+    return best
 
 
 def training_bytes(model, x, y, bf16) -> int:
@@ -103,33 +153,33 @@ def training_bytes(model, x, y, bf16) -> int:
 
 
 def bench_training(quick, device, bf16, repeats, steps):
+    """Part 1, one row per model of :func:`step_models`."""
     rows = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name, (factory, batch, side) in step_models(quick).items():
         pruned = pruned_half(factory, side, device)
         x = torch.randn(batch, 3, side, side, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        models = {"compact": copy.deepcopy(pruned).train(),
-                  "online": fxlop.expand(pruned, mode="online").train(),
-                  "chain": fxlop.expand(pruned, mode="chain").train()}
+        models = {k: copy.deepcopy(pruned).train() if options is None else fxlop.expand(pruned, **options).train()
+                  for k, options in STEP_MODES.items()}
         step_fns = {k: training_step(m, x, y, bf16) for k, m in models.items()}
         # the first few steps of a model are several times slower (oneDNN sets up its kernels): warm up
         times = common.interleaved({k: (lambda f=f: [f() for _ in range(steps)]) for k, f in step_fns.items()},
                                    repeats=repeats, warmup=5, sync=sync)
         memory = {k: training_bytes(m, x, y, bf16) for k, m in models.items()}
+        split = {k: step_split(models[k], x, y, bf16, sync, rounds=2 if quick else 5) for k in ("compact", "online")}
         rows.append({
             "model": name, "batch": batch, "input": side,
             "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
             "step_ms": {k: 1000 * min(v) / steps for k, v in times.items()},
-            "step_ratio_online": common.ratio_stats(times, "online", "compact"),
-            "step_ratio_chain": common.ratio_stats(times, "chain", "compact"),
+            "step_ratio": {k: common.ratio_stats(times, k, "compact") for k in models if k != "compact"},
             "memory_bytes": memory,
-            "memory_ratio_online": memory["online"] / memory["compact"],
-            "memory_ratio_chain": memory["chain"] / memory["compact"],
+            "memory_ratio": {k: memory[k] / memory["compact"] for k in models if k != "compact"},
+            "split_ms": split,
         })
-        print(f"training step {name}: online {common.fmt(rows[-1]['step_ratio_online'])}, "
-              f"chain {common.fmt(rows[-1]['step_ratio_chain'])}, memory online "
-              f"{rows[-1]['memory_ratio_online']:.2f}", flush=True)
+        print(f"training step {name}: " + ", ".join(f"{k} {common.fmt(v)}" for k, v in rows[-1]["step_ratio"].items())
+              + ", memory " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1]["memory_ratio"].items())
+              + f"; split {split}", flush=True)
     return rows
 
 
@@ -208,12 +258,25 @@ def markdown(result) -> str:
              f"({result['machine']['torch_threads']} threads, torch {result['machine']['torch']}, "
              f"device {result['device']}{', bf16 autocast' if result['bf16'] else ''}). Ratios: median (min-max) "
              f"over {result['repeats']} interleaved rounds.", ""]
-    lines += ["| model (pruned) | batch | compact step ms | online / compact | chain / compact | "
-              "memory online / compact | memory chain / compact |", "|---|---|---|---|---|---|---|"]
+    modes = [k for k in STEP_MODES if k != "compact"]
+    lines += ["| model (pruned) | batch | compact step ms | " + " | ".join(f"{k} / compact" for k in modes) + " | "
+              + " | ".join(f"memory {k} / compact" for k in modes) + " | params " + " / ".join(STEP_MODES) + " |",
+              "|---|---|---|" + "---|" * (2 * len(modes) + 1)]
     for r in result["training"]:
         lines.append(f"| {r['model']} | {r['batch']} | {r['step_ms']['compact']:.1f} | "
-                     f"{common.fmt(r['step_ratio_online'])} | {common.fmt(r['step_ratio_chain'])} | "
-                     f"{r['memory_ratio_online']:.2f} | {r['memory_ratio_chain']:.2f} |")
+                     + " | ".join(common.fmt(r["step_ratio"][k]) for k in modes) + " | "
+                     + " | ".join(f"{r['memory_ratio'][k]:.2f}" for k in modes) + " | "
+                     + " / ".join(f"{r['params'][k] / 1e6:.2f}M" for k in STEP_MODES) + " |")
+    lines += ["", "Where one training step's time goes (ms, each part timed on its own, minimum of 5): forward and "
+              "backward include the composition of the kernels, which is also timed alone.", "",
+              "| model (pruned) | model | forward | of it composing | backward | of it composing | optimizer | sum |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in result["training"]:
+        for k, split in r["split_ms"].items():
+            compose = (f"{split['compose']:.1f}", f"{split['compose_backward']:.1f}") if "compose" in split else ("-", "-")
+            lines.append(f"| {r['model']} | {k} | {split['forward']:.1f} | {compose[0]} | {split['backward']:.1f} | "
+                         f"{compose[1]} | {split['optimizer']:.1f} | "
+                         f"{split['forward'] + split['backward'] + split['optimizer']:.1f} |")
     lines += ["", "| model | params pruned = fused | MACs pruned = fused | inference fused / pruned | "
               "control: FX-traced pruned / pruned |", "|---|---|---|---|---|"]
     for r in result["deployment"]:

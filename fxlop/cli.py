@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS
+    from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION
 
     from .pipeline import RunSettings
 
@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     expand = commands.add_parser("expand", help="expand a saved model (torch.save of an nn.Module)")
     expand.add_argument("input")
     expand.add_argument("output")
-    expand.add_argument("--expansion", type=float, default=4)
+    expand.add_argument("--expansion", type=float, default=4, help="width multiplier of layers with a spatial kernel")
+    expand.add_argument("--pointwise-expansion", type=_limit(float), default=POINTWISE_EXPANSION,
+                        help="width multiplier of 1x1 convs and linears ('none': --expansion)")
     expand.add_argument("--mode", choices=("online", "chain"), default="online")
     expand.add_argument("--depth", type=int, default=3)
     expand.add_argument("--include", nargs="+", help="qualified-name globs to expand")
@@ -159,7 +161,8 @@ def _expand(args) -> int:
     from .core import expand
     from .models import load_model
 
-    gm = expand(load_model(args.input), expansion=args.expansion, mode=args.mode, depth=args.depth,
+    gm = expand(load_model(args.input), expansion=args.expansion, pointwise_expansion=args.pointwise_expansion,
+                mode=args.mode, depth=args.depth,
                 include=args.include, exclude=args.exclude, seed=args.seed, max_params=args.max_params,
                 max_bytes=args.max_bytes, max_seconds=args.max_seconds, max_layer_params=args.max_layer_params)
     report = gm.meta["fxlop"]["expand"]

@@ -8,14 +8,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 import passes
-from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, check_options
+from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION, check_options
 from passes.expanded import ExpandedLayer, parameter_count
 from passes.graph import set_attr
 from passes.ops import module_function
 from passes.select import Patterns, selector
 
 
-def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float = 4, mode: str = "online",
+def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float = 4,
+           pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online",
            include: Patterns = None, exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
            leaf_modules: Patterns = None, max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
            max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS,
@@ -28,7 +29,10 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
     ``nn.Conv1d/2d/3d``/``nn.Linear``/Hugging Face ``Conv1D`` (and each ``F.conv*``/``F.linear`` whose
     weight is a parameter, and each ``addmm``/``mm``/``matmul`` product ``x @ W`` on a 2-D parameter
     or its transpose) becomes a chain ``1x1 -> k x k -> 1x1`` (or three linears) whose product is the
-    original weight: orthonormal outer factors, the middle one solved exactly in float64.  Modules
+    original weight: orthonormal outer factors, the middle one solved exactly in float64.  Hidden
+    widths are ``expansion`` times the layer's for layers with a spatial kernel and
+    ``pointwise_expansion`` (1) times for 1x1 convs and linears, whose middle factor would otherwise
+    grow as the square of it (see the README's speed table).  Modules
     called at several places stay shared; tied weights (one parameter under two names, such as GPT-2's
     ``lm_head`` and its token embedding) stay as they are.  The factors are created on the device and
     in the dtype of each weight.  One driver decides, for both ways of expanding (a graph, or
@@ -51,7 +55,9 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
 
     Args:
         model: the (pruned) model.
-        expansion: width multiplier of the hidden widths, ``>= 1``.
+        expansion: width multiplier of the hidden widths of layers with a spatial kernel, ``>= 1``.
+        pointwise_expansion: width multiplier of 1x1 convs, linears and products (``>= 1``, default 1:
+            square outer factors); ``None``: ``expansion``.
         mode: ``"online"`` (factors composed into one kernel in the graph; about the compact
             model's training cost) or ``"chain"`` (one op per factor, the paper's literal form).
         include, exclude: qualified-name globs (``"layer1.*"``) or module types to expand / to keep.
@@ -91,11 +97,11 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
     elif not isinstance(model, nn.Module):
         raise passes.FxlopError(f"expand takes an nn.Module, a GraphModule or a torch.export.ExportedProgram, "
                                 f"got {type(model).__name__}")
-    options = dict(expansion=expansion, mode=mode, include=include, exclude=exclude, depth=depth, seed=seed,
-                   init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
-                   max_layer_params=max_layer_params)
+    options = dict(expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode, include=include,
+                   exclude=exclude, depth=depth, seed=seed, init=init, max_params=max_params, max_bytes=max_bytes,
+                   max_seconds=max_seconds, max_layer_params=max_layer_params)
     check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
-                  max_layer_params=max_layer_params)
+                  max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion)
     for patterns in (include, exclude, leaf_modules):
         selector(patterns)  # a bad pattern is refused before any work
     if not trace:
@@ -191,14 +197,15 @@ class overparameterized:
 
     Args:
         model: an ``nn.Module`` (not a layer itself: its layers are swapped inside it).
-        expansion, mode, include, exclude, depth, seed, init, max_params, max_bytes, max_seconds,
-            max_layer_params: as for :func:`expand`; checked here, before any work.
+        expansion, pointwise_expansion, mode, include, exclude, depth, seed, init, max_params, max_bytes,
+            max_seconds, max_layer_params: as for :func:`expand`; checked here, before any work.
 
     Raises:
         ExpansionError: invalid options, an expansion over a limit, a model already expanded.
     """
 
-    def __init__(self, model: nn.Module, *, expansion: float = 4, mode: str = "online", include: Patterns = None,
+    def __init__(self, model: nn.Module, *, expansion: float = 4,
+                 pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online", include: Patterns = None,
                  exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
                  max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
                  max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS):
@@ -208,11 +215,12 @@ class overparameterized:
             raise passes.ExpansionError(f"overparameterized swaps the layers inside a model; the model itself is a "
                                         f"{type(model).__name__}: wrap it in a module (nn.Sequential(layer))")
         check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
-                      max_layer_params=max_layer_params)
+                      max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion)
         for patterns in (include, exclude):
             selector(patterns)
         self.model = model
-        self.options = dict(expansion=expansion, mode=mode, include=include, exclude=exclude, depth=depth, seed=seed,
+        self.options = dict(expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode, include=include,
+                            exclude=exclude, depth=depth, seed=seed,
                             init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
                             max_layer_params=max_layer_params)
         # while active: (expanded layer, the module it replaced, the names it sits at)

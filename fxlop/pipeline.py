@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from passes.expand import INITS, check_options
+from passes.expand import INITS, POINTWISE_EXPANSION, check_options
 from passes.expanded import MODES
 from passes.tap import layer_names, match_names
 from passes.trace import trace
@@ -40,14 +40,17 @@ DEFAULT_MODEL = "resnet20"
 class ExpandOptions:
     """How a run expands the pruned model for LOP (the options of :func:`fxlop.expand` it sets)."""
 
-    expansion: float = setting(4, "width multiplier r of the hidden widths")
+    expansion: float = setting(4, "width multiplier r of the hidden widths of layers with a spatial kernel")
+    pointwise_expansion: float = setting(POINTWISE_EXPANSION, "r of 1x1 convs and linears (their middle factor grows "
+                                                              "as r^2 times the weight)")
     mode: str = setting("online", "online: factors composed into one kernel in the graph; chain: one op per factor",
                         choices=MODES)
     depth: int = setting(3, "linear ops per expanded layer")
     init: str = setting("orthogonal", "orthonormal outer factors, or all factors at one spectral norm", choices=INITS)
 
     def check(self) -> None:
-        check_options(self.expansion, self.mode, self.depth, None, self.init)
+        check_options(self.expansion, self.mode, self.depth, None, self.init,
+                      pointwise_expansion=self.pointwise_expansion)
 
 
 def _run_training() -> TrainConfig:

@@ -107,6 +107,20 @@ MAX_SECONDS = 60.0
 #: up to 3x long (small models, where the per-layer overhead dominates): a call is refused once
 #: SECONDS_MARGIN times its estimate is over ``max_seconds``, so that what is accepted finishes in time
 SECONDS_MARGIN = 1.5
+#: width multiplier of layers without a spatial kernel (1x1 convs, linears, products) unless told
+#: otherwise.  Their middle factor is itself a matrix of ``r^2`` times the weight's entries, so at
+#: ``r = 4`` they held 93-98 % of the factors of a MobileNetV2 and a ViT and most of the composition
+#: time, while LOP's first-order update does not depend on the widths at all (README, "How LOP
+#: changes the optimizer"; the recovery grid's ``lop_r1`` measures the rest).
+POINTWISE_EXPANSION = 1.0
+
+
+def layer_expansion(weight_shape: Sequence[int], expansion: float, pointwise_expansion: float | None) -> float:
+    """The width multiplier of a layer whose weight has ``weight_shape`` (``(out, in, k...)``):
+    ``pointwise_expansion`` for a single-tap kernel (unless None), ``expansion`` otherwise."""
+    if pointwise_expansion is not None and math.prod(weight_shape[2:]) == 1:
+        return pointwise_expansion
+    return expansion
 
 
 @dataclasses.dataclass
@@ -137,7 +151,10 @@ _OPTIONS_DOC = """
     layer, the estimates, and options that fit.  ``None`` lifts a limit.
 
     Args:
-        expansion: width multiplier ``r`` of the hidden widths (``>= 1``).
+        expansion: width multiplier ``r`` of the hidden widths (``>= 1``) of layers with a spatial kernel.
+        pointwise_expansion: ``r`` of layers without one (1x1 convs, linears, products; default
+            :data:`POINTWISE_EXPANSION`, 1: their factors are then square and the middle one the
+            weight's size); ``None``: ``expansion``.
         mode: ``"online"`` composes the factors into one kernel inside the graph (about the compact
             model's cost); ``"chain"`` runs one op per factor.  Same function, same gradients.
         depth: number of linear ops in each chain (``>= 2``).
@@ -158,7 +175,8 @@ _OPTIONS_DOC = """
 """
 
 
-def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", depth: int = 3,
+def expand(gm: fx.GraphModule, *, expansion: float = 4, pointwise_expansion: float | None = POINTWISE_EXPANSION,
+           mode: str = "online", depth: int = 3,
            include: Patterns = None, exclude: Patterns = None, seed: int = 0, init: str = "orthogonal",
            max_params: int | None = None, max_bytes: int | None = MAX_BYTES, max_seconds: float | None = MAX_SECONDS,
            max_layer_params: int | None = MAX_LAYER_PARAMS) -> fx.GraphModule:
@@ -177,12 +195,13 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, mode: str = "online", de
     expanding twice changes nothing more.  Factors are created on each weight's device and in its
     dtype (see :func:`passes.linalg.factorize`).
     """
-    return _expand(gm, _GRAPH, expansion=expansion, mode=mode, depth=depth, include=include, exclude=exclude,
+    return _expand(gm, _GRAPH, expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode, depth=depth, include=include, exclude=exclude,
                    seed=seed, init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
                    max_layer_params=max_layer_params)
 
 
-def expand_modules(model: nn.Module, *, expansion: float = 4, mode: str = "online", depth: int = 3,
+def expand_modules(model: nn.Module, *, expansion: float = 4,
+                   pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online", depth: int = 3,
                    include: Patterns = None, exclude: Patterns = None, seed: int = 0, init: str = "orthogonal",
                    max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
                    max_seconds: float | None = MAX_SECONDS,
@@ -203,7 +222,8 @@ def expand_modules(model: nn.Module, *, expansion: float = 4, mode: str = "onlin
     neither found nor reported; reads of an expanded layer's ``weight`` by other code are answered
     with the composed weight (:attr:`ExpandedLayer.weight`), writes to it raise.
     """
-    return _expand(model, _MODULES, expansion=expansion, mode=mode, depth=depth, include=include, exclude=exclude,
+    return _expand(model, _MODULES, expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode,
+                   depth=depth, include=include, exclude=exclude,
                    seed=seed, init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
                    max_layer_params=max_layer_params, in_place=in_place)
 
@@ -221,8 +241,8 @@ class _BackEnd:
     finish: Callable[[nn.Module, dict], nn.Module]
 
 
-def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, mode, depth, include, exclude, seed, init,
-            max_params, max_bytes, max_seconds, max_layer_params, in_place: bool = False) -> nn.Module:
+def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, pointwise_expansion, mode, depth, include, exclude,
+            seed, init, max_params, max_bytes, max_seconds, max_layer_params, in_place: bool = False) -> nn.Module:
     """The expansion driver: what to expand and why, the limits, the copy, the report; ``back_end``
     does the rest.  ``in_place`` (module swap only): no copy; all layers are swapped in at the end."""
     if in_place and back_end.traced:
@@ -230,19 +250,20 @@ def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, mode, depth, inc
     limits = dict(max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
                   max_layer_params=max_layer_params)
     check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
-                  max_layer_params=max_layer_params)
+                  max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion)
     began = time.perf_counter()
     layers, skipped = back_end.find(model)
     chosen = _choose(model, layers, skipped, include, exclude)
 
     # everything is planned and checked on the caller's model, before the copy and any factor exists
     planned, reduced, dense = plan([(layer.name, layer.linear_weight, layer.groups) for layer in chosen],
-                                   expansion=expansion, depth=depth, max_layer_params=max_layer_params)
+                                   expansion=expansion, pointwise_expansion=pointwise_expansion, depth=depth,
+                                   max_layer_params=max_layer_params)
     skipped.update(dense)
     params_before = parameter_count(model)
     estimate = check_budget(planned, params_before=params_before,
                             copy_bytes=0 if in_place else parameter_bytes(model),
-                            expansion=expansion, depth=depth, **limits)
+                            expansion=expansion, pointwise_expansion=pointwise_expansion, depth=depth, **limits)
 
     if not in_place:
         model = copy.deepcopy(model)
@@ -269,7 +290,7 @@ def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, mode, depth, inc
     if in_place:
         _swap_all(model, built, mode)
     return back_end.finish(model, {
-        "expansion": expansion, "mode": mode, "depth": depth, "seed": seed, "init": init, "traced": back_end.traced,
+        "expansion": expansion, "pointwise_expansion": pointwise_expansion, "mode": mode, "depth": depth, "seed": seed, "init": init, "traced": back_end.traced,
         "expanded": expanded, "reduced": reduced, "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
         "params_before": params_before, "params_after": parameter_count(model),
         "limits": limits, "estimate": estimate, "seconds": time.perf_counter() - began,
@@ -308,8 +329,10 @@ def _choose(model: nn.Module, layers: dict[str, _Layer], skipped: dict[str, str]
 
 
 def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, depth: int,
-         max_layer_params: int | None, cache: dict | None = None) -> tuple[list[Planned], list[dict], dict[str, str]]:
-    """The factor shapes and costs of ``(name, weight, groups)`` layers, with the wide-layer policy.
+         max_layer_params: int | None, cache: dict | None = None,
+         pointwise_expansion: float | None = None) -> tuple[list[Planned], list[dict], dict[str, str]]:
+    """The factor shapes and costs of ``(name, weight, groups)`` layers (weights ``(out, in, k...)``) at
+    their :func:`layer_expansion`, with the wide-layer policy.
 
     Returns the layers to expand; the ``"reduced"`` report (layers given a lower expansion because
     their factors would exceed ``max_layer_params`` parameters); and the layers left dense, with the
@@ -325,12 +348,13 @@ def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, d
 
     planned, reduced, dense = [], [], {}
     for name, weight, groups in layers:
-        item = at(name, weight, groups, expansion)
+        own = layer_expansion(weight.shape, expansion, pointwise_expansion)
+        item = at(name, weight, groups, own)
         if max_layer_params is None or item.cost.params <= max_layer_params:
             planned.append(item)
             continue
         # the largest expansion in steps of 1/4 whose factors fit (parameters grow with the expansion)
-        steps = [s / 4 for s in range(math.ceil(4 * expansion) - 1, 3, -1)]
+        steps = [s / 4 for s in range(math.ceil(4 * own) - 1, 3, -1)]
         low, high = 0, len(steps)
         while low < high:
             middle = (low + high) // 2
@@ -340,7 +364,7 @@ def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, d
                 low = middle + 1
         if low == len(steps):
             at_one = at(name, weight, groups, 1).cost.params
-            dense[name] = (f"its factors would hold {item.cost.params:,} parameters at expansion {expansion:g} and "
+            dense[name] = (f"its factors would hold {item.cost.params:,} parameters at expansion {own:g} and "
                            f"{at_one:,} even at expansion 1, over max_layer_params={max_layer_params:,}: left dense "
                            f"(raise max_layer_params, or None, to expand it)")
             continue
@@ -348,7 +372,7 @@ def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, d
         planned.append(lower)
         reduced.append({"name": name, "expansion": lower.expansion, "params": lower.cost.params,
                         "reason": f"its factors would hold {item.cost.params:,} parameters at expansion "
-                                  f"{expansion:g}, over max_layer_params={max_layer_params:,}; "
+                                  f"{own:g}, over max_layer_params={max_layer_params:,}; "
                                   f"{lower.cost.params:,} at expansion {lower.expansion:g}"})
     if reduced or dense:
         warnings.warn(f"fxlop.expand: {len(reduced)} layers expanded at a lower expansion and {len(dense)} left dense "
@@ -376,7 +400,7 @@ def estimate(planned: Sequence[Planned], *, params_before: int, copy_bytes: int)
 
 
 def check_budget(planned: Sequence[Planned], *, params_before: int, copy_bytes: int, expansion: float, depth: int,
-                 max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
+                 pointwise_expansion: float | None = None, max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
                  max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS) -> dict:
     """The :func:`estimate` of ``planned``, or :class:`ExpansionError` if it is over a limit.
 
@@ -403,13 +427,15 @@ def check_budget(planned: Sequence[Planned], *, params_before: int, copy_bytes: 
     key = {"max_params": lambda p: p.cost.params, "max_bytes": lambda p: p.cost.params * p.weight.element_size()
            + p.cost.temporary, "max_seconds": lambda p: sum(p.seconds)}[over[0]]
     largest = max(planned, key=key)
-    message = (f"expanding {len(planned)} layers at expansion {expansion:g} {' and '.join(clauses[k]() for k in over)}. "
+    widths = f"expansion {expansion:g}" + (f" (pointwise layers {pointwise_expansion:g})"
+                                            if pointwise_expansion not in (None, expansion) else "")
+    message = (f"expanding {len(planned)} layers at {widths} {' and '.join(clauses[k]() for k in over)}. "
                f"In all: {found['params']:,} parameters, {_gb(found['bytes'])}, {_s(seconds)}. The largest expanded "
                f"layer is '{largest.name}' (weight {tuple(largest.weight.shape)}: {largest.cost.params:,} parameters, "
                f"{_gb(largest.cost.params * largest.weight.element_size() + largest.cost.temporary)}, "
                f"{_s(sum(largest.seconds))}). Options that fit: "
                + "; ".join(_options(planned, found, limits, params_before, copy_bytes, expansion, depth,
-                                    max_layer_params, key)) + ".")
+                                    max_layer_params, key, pointwise_expansion)) + ".")
     raise ExpansionError(message)
 
 
@@ -419,7 +445,8 @@ def _over(found: dict, limits: dict) -> list[str]:
     return [k for k, limit in limits.items() if limit is not None and value[k] > limit]
 
 
-def _options(planned, found, limits, params_before, copy_bytes, expansion, depth, max_layer_params, key) -> list[str]:
+def _options(planned, found, limits, params_before, copy_bytes, expansion, depth, max_layer_params, key,
+             pointwise_expansion=None) -> list[str]:
     """Settings under which the same call fits the limits (found by arithmetic on shapes and the measured
     speeds, nothing allocated)."""
     layers = [(p.name, p.weight, p.groups) for p in planned]
@@ -428,7 +455,8 @@ def _options(planned, found, limits, params_before, copy_bytes, expansion, depth
     def replan(**settings) -> tuple[dict | None, list, dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            items, reduced, dense = plan(layers, depth=depth, cache=cache, **settings)
+            items, reduced, dense = plan(layers, depth=depth, cache=cache, pointwise_expansion=pointwise_expansion,
+                                         **settings)
         result = estimate(items, params_before=params_before, copy_bytes=copy_bytes)
         return (None if _over(result, limits) else result), reduced, dense
 
@@ -524,7 +552,7 @@ def parameter_bytes(module: nn.Module) -> int:
 
 
 def check_options(expansion, mode, depth, max_params, init, *, max_bytes=None, max_seconds=None,
-                  max_layer_params=None) -> None:
+                  max_layer_params=None, pointwise_expansion=None) -> None:
     """Raise ExpansionError for settings the expansion cannot honour."""
     if init not in INITS:
         raise ExpansionError(f"init must be one of {INITS}, got {init!r}")
@@ -532,6 +560,10 @@ def check_options(expansion, mode, depth, max_params, init, *, max_bytes=None, m
         raise ExpansionError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(expansion, Real) or isinstance(expansion, bool) or not 1 <= expansion < math.inf:
         raise ExpansionError(f"expansion must be a finite number >= 1, got {expansion!r}")
+    if pointwise_expansion is not None and (not isinstance(pointwise_expansion, Real)
+                                            or isinstance(pointwise_expansion, bool)
+                                            or not 1 <= pointwise_expansion < math.inf):
+        raise ExpansionError(f"pointwise_expansion must be a finite number >= 1 or None, got {pointwise_expansion!r}")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 2:
         raise ExpansionError(f"depth must be an integer >= 2, got {depth!r}")
     for name, value in (("max_params", max_params), ("max_bytes", max_bytes), ("max_layer_params", max_layer_params)):

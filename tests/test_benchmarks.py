@@ -29,9 +29,9 @@ def _results(name: str) -> dict:
 
 
 def test_readme_recovery_table_is_the_json():
-    table = recovery.grid_markdown(_results("recovery"))
-    assert _readme_block("recovery") == table + "\n\n![recovery](benchmarks/results/recovery.png)\n"
-    assert (common.RESULTS / "recovery.png").stat().st_size > 0
+    assert _readme_block("recovery") == recovery.readme_markdown(_results("recovery"), "recovery") + "\n"
+    for figure in ("recovery.png", "recovery_time.png"):
+        assert (common.RESULTS / figure).stat().st_size > 0
 
 
 def test_readme_speed_table_is_the_json():
@@ -69,9 +69,19 @@ def test_recovery_quick_run(results_dir):
             assert set(row["methods"]) == set(row["paper"]) == set(recovery.GRID_DEFAULT)
             assert all(m["lr"] == 0.01 for m in row["paper"].values())
     assert (results_dir / "recovery_quick.png").stat().st_size > 0
+    assert (results_dir / "recovery_quick_time.png").stat().st_size > 0
     table = (results_dir / "recovery_quick.md").read_text()
     assert table == recovery.grid_markdown(result) + "\n" and "Paper protocol" in table
     assert json.loads((results_dir / "recovery_quick.json").read_text()) == json.loads(json.dumps(result))
+
+
+def test_time_table_gives_each_budgets_accuracy_and_wall_time():
+    def scores(mean, seconds_per_epoch):
+        return {"test": {"mean": mean, "std": 0.0}, "seconds_per_epoch": seconds_per_epoch}
+    rows = [{"ratio": 0.8, "epochs": 10, "methods": {"vanilla": scores(90.0, 0.5), "lop": scores(91.0, 1.25)}},
+            {"ratio": 0.8, "epochs": 30, "methods": {"vanilla": scores(94.0, 0.5), "lop": scores(93.5, 1.0)}}]
+    table = recovery._time_markdown(rows, ["vanilla", "lop"])
+    assert table.splitlines()[-1] == "| 0.8 | 90.0 in 5 s → 94.0 in 15 s | 91.0 in 12 s → 93.5 in 30 s |"
 
 
 def test_fusing_halfway_trains_the_expanded_then_the_fused_model(results_dir):

@@ -36,6 +36,11 @@ class Allocations(TorchDispatchMode):
         return out
 
 
+#: every layer at ``expansion``, 1x1 convs and linears included: the tests of the limits below use linear
+#: layers, which ``pointwise_expansion`` (default 1) would otherwise keep narrow
+EVERY_LAYER = dict(pointwise_expansion=None)
+
+
 def _two_layers(wide=256, narrow=8):
     return nn.Sequential(nn.Linear(narrow, wide), nn.ReLU(), nn.Linear(wide, narrow))
 
@@ -79,10 +84,10 @@ def test_factorize_cost_bounds_its_matrix_products():
 
 def test_wide_layer_gets_a_lower_expansion_and_stays_exact():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
-    full = [e["params_after"] for e in fxlop.expand(model).meta["fxlop"]["expand"]["expanded"]]
+    full = [e["params_after"] for e in fxlop.expand(model, **EVERY_LAYER).meta["fxlop"]["expand"]["expanded"]]
     assert full[0] > full[1]
     with pytest.warns(UserWarning, match="1 layers expanded at a lower expansion"):
-        gm = fxlop.expand(model, max_layer_params=full[0] - 1)
+        gm = fxlop.expand(model, max_layer_params=full[0] - 1, **EVERY_LAYER)
     report = gm.meta["fxlop"]["expand"]
     assert [r["name"] for r in report["reduced"]] == ["0"]
     first, second = report["expanded"]
@@ -110,11 +115,11 @@ def test_layer_too_wide_even_at_expansion_one_is_left_dense_and_reported():
 
 def test_same_policy_without_tracing():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
-    full = fxlop.expand(model).meta["fxlop"]["expand"]["expanded"][0]["params_after"]
+    full = fxlop.expand(model, **EVERY_LAYER).meta["fxlop"]["expand"]["expanded"][0]["params_after"]
     with pytest.warns(UserWarning):
-        traced = fxlop.report(fxlop.expand(model, max_layer_params=full - 1))["expand"]
+        traced = fxlop.report(fxlop.expand(model, max_layer_params=full - 1, **EVERY_LAYER))["expand"]
     with pytest.warns(UserWarning):
-        eager = fxlop.report(fxlop.expand(model, max_layer_params=full - 1, trace=False))["expand"]
+        eager = fxlop.report(fxlop.expand(model, max_layer_params=full - 1, trace=False, **EVERY_LAYER))["expand"]
     assert traced["reduced"] == eager["reduced"] and len(traced["reduced"]) == 1
     assert [e["factor_shapes"] for e in traced["expanded"]] == [e["factor_shapes"] for e in eager["expanded"]]
     assert traced["estimate"]["params"] == eager["estimate"]["params"]
@@ -128,7 +133,7 @@ def test_refused_at_once_before_anything_large_is_allocated(trace):
     weight = model[0].weight
     allocations = Allocations(weight.numel() // 4)
     with allocations, pytest.raises(fxlop.ExpansionError) as refused:
-        fxlop.expand(model, max_bytes=500_000_000, max_layer_params=None, trace=trace)
+        fxlop.expand(model, max_bytes=500_000_000, max_layer_params=None, trace=trace, **EVERY_LAYER)
     message = str(refused.value)
     # nothing bigger than the layer's own weight was made, and of its size only the finiteness check's
     # |w| and masks: no copy of the model, no factor
@@ -154,11 +159,12 @@ def _options(message: str) -> dict:
 @pytest.mark.parametrize("limit", ["max_params", "max_bytes", "max_seconds"])
 def test_every_option_the_refusal_offers_fits(limit):
     model = nn.Sequential(nn.Linear(16, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 4))
-    estimate = fxlop.expand(model).meta["fxlop"]["expand"]["estimate"]
+    estimate = fxlop.expand(model, **EVERY_LAYER).meta["fxlop"]["expand"]["estimate"]
     value = {"max_params": estimate["params"], "max_bytes": estimate["bytes"],
              "max_seconds": sum(estimate["seconds"].values())}[limit]
     # 30 % over the limit (for seconds: the estimate with its margin, as the refusal counts it)
-    limits = {limit: type(value)(0.7 * value * (expand_pass.SECONDS_MARGIN if limit == "max_seconds" else 1))}
+    limits = {limit: type(value)(0.7 * value * (expand_pass.SECONDS_MARGIN if limit == "max_seconds" else 1)),
+              **EVERY_LAYER}
     with pytest.raises(fxlop.ExpansionError, match=limit) as refused:
         fxlop.expand(model, **limits)
     options = _options(str(refused.value))
@@ -170,6 +176,22 @@ def test_every_option_the_refusal_offers_fits(limit):
             gm = fxlop.expand(model, **{**limits, key: value})  # accepted: it fits
         with torch.no_grad():
             assert relative_error(gm(x), model(x)) <= FP32_RTOL, key
+
+
+def test_wide_pointwise_layer_is_reduced_from_its_own_expansion():
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Conv1d(1, 2, 3))
+    full = fxlop.expand(model, pointwise_expansion=2).meta["fxlop"]["expand"]["expanded"][0]["params_after"]
+    with pytest.warns(UserWarning, match="1 layers expanded at a lower expansion"):
+        report = fxlop.report(fxlop.expand(model, pointwise_expansion=2, max_layer_params=full - 1))["expand"]
+    assert [(r["name"], r["expansion"]) for r in report["reduced"]] == [("0", 1.75)]
+    assert re.search(r"parameters at expansion 2, over max_layer_params", report["reduced"][0]["reason"])
+    assert [e["expansion"] for e in report["expanded"]] == [1.75, 4]
+
+
+def test_refusal_names_both_widths():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 1))
+    with pytest.raises(fxlop.ExpansionError, match=r"at expansion 4 \(pointwise layers 1\) would give"):
+        fxlop.expand(model, max_params=100)
 
 
 def test_seconds_limit_keeps_a_margin_for_the_estimates_error():
@@ -202,7 +224,7 @@ def test_seconds_are_estimated_on_the_device_and_reported():
 def test_meta_models_are_not_limited_by_memory_or_time():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4096, 4096))
-    gm = fxlop.expand(model, max_layer_params=None)  # 4M -> 302M parameters, nothing allocated
+    gm = fxlop.expand(model, max_layer_params=None, **EVERY_LAYER)  # 4M -> 302M parameters, nothing allocated
     estimate = gm.meta["fxlop"]["expand"]["estimate"]
     assert estimate["bytes"] == 0 and estimate["params"] == gm.meta["fxlop"]["expand"]["params_after"] > 3e8
 

@@ -110,6 +110,7 @@ def test_auto_deploys_the_best_on_validation_and_ties_go_to_vanilla():
     (["--model", "resnet20", "--dataset", "mnist1d"], "dataset 'mnist1d' holds 1-D signals; model 'resnet20'"),
     (["--val-fraction", "0"], "--method auto chooses on a validation split"),
     (["--factor-lr-scale", "-2"], "factor_lr_scale must be a finite number >= 0"),
+    (["--pointwise-expansion", "0.5"], "pointwise_expansion must be a finite number >= 1 or None, got 0.5"),
 ])
 def test_run_settings_are_checked_before_any_work(tmp_path, capsys, monkeypatch, args, message):
     import fxlop.pipeline
@@ -135,6 +136,16 @@ def test_expand_command_limits(tmp_path, capsys):
               if isinstance(m, passes.ExpandedLayer)]
     sizes = [sum(f.numel() for f in layer.factors) for layer in layers]
     assert layers and max(sizes) <= 2000 < 4 * 9 * 16 * 16 * 4  # a 16-wide 3x3 conv at r=4 would not fit
+
+
+@pytest.mark.parametrize("flag,fc_width", [([], 64), (["--pointwise-expansion", "3"], 192),
+                                            (["--pointwise-expansion", "none"], 128)])
+def test_expand_command_pointwise_expansion(tmp_path, flag, fc_width):
+    torch.save(build_model("resnet20", num_classes=10, in_channels=1).eval(), tmp_path / "model.pt")
+    assert main(["expand", str(tmp_path / "model.pt"), str(tmp_path / "out.pt"), "--expansion", "2", *flag]) == 0
+    expanded = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert expanded.get_submodule("fc").factors[0].shape == (fc_width, 64)  # the classifier takes 64 features
+    assert expanded.get_submodule("conv1").factors[0].shape == (2 * 1, 1, 1, 1)  # 3x3 convs keep --expansion
 
 
 def test_run_flags_come_from_the_settings_classes(capsys):

@@ -293,10 +293,73 @@ def test_max_params_guard():
 
 
 @pytest.mark.parametrize("bad", [dict(init="zeros"), dict(mode="fast"), dict(expansion=0.5), dict(expansion="4"), dict(depth=1),
-                                 dict(depth=2.0), dict(max_params=-1)])
+                                 dict(depth=2.0), dict(max_params=-1), dict(pointwise_expansion=0.5),
+                                 dict(pointwise_expansion=float("inf")), dict(pointwise_expansion=True),
+                                 dict(pointwise_expansion="1")])
 def test_bad_options_are_clear_errors(bad):
     with pytest.raises(fxlop.ExpansionError, match=next(iter(bad))):
         fxlop.expand(nn.Linear(2, 2), **bad)
+
+
+class Widths(nn.Module):
+    """A layer of each kind: spatial kernels (3x3, 1x3, depthwise) and single-tap ones (1x1 conv,
+    kernel-1 Conv1d, linear, a product on a parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kxk = nn.Conv2d(3, 4, 3, padding=1)
+        self.one_by_three = nn.Conv2d(4, 4, (1, 3), padding=(0, 1))
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.pointwise = nn.Conv2d(4, 6, 1)
+        self.kernel_one = nn.Conv1d(6, 5, 1)
+        self.linear = nn.Linear(5, 3)
+        self.product = nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x):
+        x = self.pointwise(self.depthwise(self.one_by_three(self.kxk(x))))
+        x = self.kernel_one(x.flatten(2)).mean(-1)
+        return self.linear(x) @ self.product
+
+
+SPATIAL_LAYERS = ["kxk", "one_by_three", "depthwise"]
+POINTWISE_LAYERS = ["pointwise", "kernel_one", "linear", "product"]
+
+
+@pytest.mark.parametrize("trace", [True, False])
+@pytest.mark.parametrize("pointwise,expected", [("default", 1.0), (None, 4), (2, 2)])
+def test_pointwise_layers_get_their_own_width(trace, pointwise, expected):
+    torch.manual_seed(0)
+    model = Widths()
+    options = {} if pointwise == "default" else dict(pointwise_expansion=pointwise)
+    gm = fxlop.expand(model, trace=trace, **options)
+    report = fxlop.report(gm)["expand"]
+    widths = {e["name"]: e["expansion"] for e in report["expanded"]}
+    pointwise_layers = POINTWISE_LAYERS if trace else POINTWISE_LAYERS[:-1]  # products need a graph
+    assert widths == {**dict.fromkeys(SPATIAL_LAYERS, 4), **dict.fromkeys(pointwise_layers, expected)}
+    assert report["pointwise_expansion"] == (1.0 if pointwise == "default" else pointwise)
+    shapes = {e["name"]: e["factor_shapes"] for e in report["expanded"]}
+    # hidden widths are r times the layer's own: (6, 4, 1, 1) -> 4r wide before, 6r wide after the middle factor
+    assert [s[:2] for s in shapes["pointwise"]] == [[4 * expected, 4], [6 * expected, 4 * expected],
+                                                    [6, 6 * expected]]
+    assert shapes["kxk"][1][:2] == [16, 12]
+    assert report["estimate"]["params"] == report["params_after"] == sum(p.numel() for p in gm.parameters())
+    x = torch.randn(2, 3, 5, 5)
+    assert fxlop.verify(model, gm, x) <= FP32_RTOL
+
+
+def test_pointwise_width_one_trains_and_fuses_back_exactly():
+    torch.manual_seed(0)
+    model = Widths()
+    gm = fxlop.expand(model)
+    x = torch.randn(4, 3, 5, 5)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        gm(x).square().mean().backward()
+        optimizer.step()
+    fused = fxlop.fuse(gm)
+    assert {k: v.shape for k, v in fused.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert fxlop.verify(gm, fused, x) <= FP32_RTOL
 
 
 @pytest.mark.parametrize("init", ["orthogonal", "balanced"])
