@@ -395,7 +395,6 @@ def time_plot(combined: dict, path: Path) -> None:
                 axis.errorbar([_seconds(r, name) for r in rows], [r["methods"][name]["test"]["mean"] for r in rows],
                               yerr=[r["methods"][name]["test"]["std"] for r in rows], marker="o", capsize=2,
                               label=name)
-            axis.set_xscale("log")
             axis.set_xlabel("fine-tuning wall time (s, one thread)")
             axis.set_ylabel("test accuracy (%)")
             axis.set_title(f"{result['setup']['dataset']}, R={ratio} ({', '.join(str(r['epochs']) for r in rows)} ep)",
