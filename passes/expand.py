@@ -195,9 +195,9 @@ def expand(gm: fx.GraphModule, *, expansion: float = 4, pointwise_expansion: flo
     expanding twice changes nothing more.  Factors are created on each weight's device and in its
     dtype (see :func:`passes.linalg.factorize`).
     """
-    return _expand(gm, _GRAPH, expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode, depth=depth, include=include, exclude=exclude,
-                   seed=seed, init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
-                   max_layer_params=max_layer_params)
+    return _expand(gm, _GRAPH, expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode, depth=depth,
+                   include=include, exclude=exclude, seed=seed, init=init, max_params=max_params, max_bytes=max_bytes,
+                   max_seconds=max_seconds, max_layer_params=max_layer_params)
 
 
 def expand_modules(model: nn.Module, *, expansion: float = 4,
@@ -290,7 +290,8 @@ def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, pointwise_expans
     if in_place:
         _swap_all(model, built, mode)
     return back_end.finish(model, {
-        "expansion": expansion, "pointwise_expansion": pointwise_expansion, "mode": mode, "depth": depth, "seed": seed, "init": init, "traced": back_end.traced,
+        "expansion": expansion, "pointwise_expansion": pointwise_expansion, "mode": mode, "depth": depth, "seed": seed,
+        "init": init, "traced": back_end.traced,
         "expanded": expanded, "reduced": reduced, "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
         "params_before": params_before, "params_after": parameter_count(model),
         "limits": limits, "estimate": estimate, "seconds": time.perf_counter() - began,
