@@ -267,8 +267,8 @@ def markdown(result) -> str:
                      + " | ".join(common.fmt(r["step_ratio"][k]) for k in modes) + " | "
                      + " | ".join(f"{r['memory_ratio'][k]:.2f}" for k in modes) + " | "
                      + " / ".join(f"{r['params'][k] / 1e6:.2f}M" for k in STEP_MODES) + " |")
-    lines += ["", "Where one training step's time goes (ms, each part timed on its own, minimum of 5): forward and "
-              "backward include the composition of the kernels, which is also timed alone.", "",
+    lines += ["", "Where one training step's time goes (ms, each part timed on its own, the minimum over rounds): "
+              "forward and backward include the composition of the kernels, which is also timed alone.", "",
               "| model (pruned) | model | forward | of it composing | backward | of it composing | optimizer | sum |",
               "|---|---|---|---|---|---|---|---|"]
     for r in result["training"]:
