@@ -45,6 +45,7 @@ import fxlop  # noqa: E402
 from fxlop.data import MNIST1D_REFERENCE, load_dataset, make_loader  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune, prune_steps  # noqa: E402
+from passes.expand import POINTWISE_EXPANSION  # noqa: E402
 from passes.expanded import ExpandedLayer  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -61,7 +62,7 @@ class Method:
     sp: bool = False
     lr: float = 0.05
     expansion: float = 4
-    pointwise_expansion: float | None = 1.0  # r of 1x1 convs and linears (None: expansion), as fxlop.expand
+    pointwise_expansion: float | None = POINTWISE_EXPANSION  # r of 1x1 convs and linears (None: expansion)
     depth: int = 3
     init: str = "orthogonal"
     outer_scale: float = 1.0  # outer factors times this, kernel factor divided by it (depth - 1) times
