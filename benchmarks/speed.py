@@ -1,10 +1,12 @@
 """Speed and memory of fxlop, as ratios measured side by side in one run.
 
 1. Fine-tuning step (forward + backward + SGD step, the optimizer ``fxlop.finetune`` builds) of the
-   expanded model, ``online`` (the default), ``online`` with every layer at ``r = 4`` (the default
-   before 1x1 convs and linears got ``pointwise_expansion = 1``) and ``chain``, divided by the same
-   step of the compact pruned model; training memory ratio; and where the time of one step goes
-   (forward, backward, optimizer; the composition of the kernels timed on its own).
+   expanded model, ``online`` (the default), ``online per layer`` (each layer composing its own kernel:
+   the default before same-shape layers were composed together, ``passes.batch``), ``online`` with
+   every layer at ``r = 4`` (the default before 1x1 convs and linears got ``pointwise_expansion = 1``)
+   and ``chain``, divided by the same step of the compact pruned model; training memory ratio; and
+   where the time of one step goes (forward, backward, optimizer; the composition of the kernels
+   timed on its own).
 2. The fused model against the pruned model it came from: parameters, MACs, inference latency.
 3. ``expand`` + ``fuse`` wall time divided by ``torch.fx.symbolic_trace`` + ``copy.deepcopy``.
 
@@ -32,14 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fxlop  # noqa: E402
+import passes  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune  # noqa: E402
 from fxlop.train import _optimizer  # noqa: E402
-from passes.expanded import ExpandedLayer  # noqa: E402
+from passes.expanded import BatchComposer, ExpandedLayer, KernelComposer  # noqa: E402
 
-#: the training configurations of part 1: name -> expand options (None: the compact model itself)
-STEP_MODES = {"compact": None, "online": dict(mode="online"), "online r=4": dict(mode="online", pointwise_expansion=None),
-              "chain": dict(mode="chain")}
+#: the training configurations of part 1: name -> the model trained, built from the pruned one
+STEP_MODES = {
+    "compact": copy.deepcopy,
+    "online": fxlop.expand,
+    "online per layer": lambda m: passes.unbatch_compositions(fxlop.expand(m)),  # no layers composed together
+    "online r=4": lambda m: fxlop.expand(m, pointwise_expansion=None),
+    "chain": lambda m: fxlop.expand(m, mode="chain"),
+}
+#: the configurations whose step part 1 also splits into its parts
+SPLIT_MODES = ("compact", "online", "online per layer")
 
 
 def _vit(depth, dim, heads, image=32, patch=4):
@@ -90,10 +100,11 @@ def step_split(model, x, y, bf16, sync, rounds: int = 5) -> dict[str, float]:
     """Milliseconds (the minimum over ``rounds``) of each part of one training step, each part
     synchronized and timed on its own: ``forward`` (loss included), ``backward``, ``optimizer``
     (zero_grad + step); and, for an expanded model, ``compose`` and ``compose_backward``: composing
-    every expanded layer's kernel from its factors and back-propagating a gradient through it, alone
-    (the part of forward and backward that the compact model does not have)."""
+    every expanded layer's kernel from its factors as the model does (:func:`compositions`) and
+    back-propagating a gradient through it, alone (the part of forward and backward that the compact
+    model does not have)."""
     optimizer = _optimizer(model, fxlop.TrainConfig(lr=1e-3))
-    layers = [m for m in model.modules() if isinstance(m, ExpandedLayer)]
+    composers = compositions(model)
     best: dict[str, float] = {}
 
     def clock(key, function):
@@ -110,7 +121,8 @@ def step_split(model, x, y, bf16, sync, rounds: int = 5) -> dict[str, float]:
 
     def kernels():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return [layer.compose(*layer.factors) for layer in layers]
+            composed = [composer(*factors) for composer, factors in composers]
+        return [k for kernel in composed for k in (kernel if isinstance(kernel, tuple) else (kernel,))]
 
     grads = [torch.randn_like(k) for k in kernels()]
     for index in range(rounds + 2):  # two rounds of warm-up
@@ -119,11 +131,22 @@ def step_split(model, x, y, bf16, sync, rounds: int = 5) -> dict[str, float]:
         loss = clock("forward", loss_of_model)
         clock("backward", loss.backward)
         clock("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
-        if layers:
+        if composers:
             composed = clock("compose", kernels)
             clock("compose_backward", lambda: torch.autograd.backward(composed, grads))
             optimizer.zero_grad(set_to_none=True)
     return best
+
+
+def compositions(model) -> list[tuple]:
+    """``(composer, factors)`` of every composition ``model``'s forward makes: in a graph, each call of
+    a batch of layers or of one layer's composer (see ``passes.batch``); in an eager model, each layer's."""
+    if not isinstance(model, fx.GraphModule):
+        return [(m.compose, list(m.factors)) for m in model.modules() if isinstance(m, ExpandedLayer)]
+    modules = dict(model.named_modules())
+    return [(modules[n.target], [model.get_parameter(a.target) for a in n.args])
+            for n in model.graph.find_nodes(op="call_module")
+            if type(modules[n.target]) in (KernelComposer, BatchComposer) and "composed" not in n.kwargs]
 
 
 def training_bytes(model, x, y, bf16) -> int:
@@ -160,14 +183,13 @@ def bench_training(quick, device, bf16, repeats, steps):
         pruned = pruned_half(factory, side, device)
         x = torch.randn(batch, 3, side, side, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        models = {k: copy.deepcopy(pruned).train() if options is None else fxlop.expand(pruned, **options).train()
-                  for k, options in STEP_MODES.items()}
+        models = {k: build(pruned).train() for k, build in STEP_MODES.items()}
         step_fns = {k: training_step(m, x, y, bf16) for k, m in models.items()}
         # the first few steps of a model are several times slower (oneDNN sets up its kernels): warm up
         times = common.interleaved({k: (lambda f=f: [f() for _ in range(steps)]) for k, f in step_fns.items()},
                                    repeats=repeats, warmup=5, sync=sync)
         memory = {k: training_bytes(m, x, y, bf16) for k, m in models.items()}
-        split = {k: step_split(models[k], x, y, bf16, sync, rounds=2 if quick else 5) for k in ("compact", "online")}
+        split = {k: step_split(models[k], x, y, bf16, sync, rounds=2 if quick else 5) for k in SPLIT_MODES}
         rows.append({
             "model": name, "batch": batch, "input": side,
             "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},

@@ -58,8 +58,9 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
         expansion: width multiplier of the hidden widths of layers with a spatial kernel, ``>= 1``.
         pointwise_expansion: width multiplier of 1x1 convs, linears and products (``>= 1``, default 1:
             square outer factors); ``None``: ``expansion``.
-        mode: ``"online"`` (factors composed into one kernel in the graph; about the compact
-            model's training cost) or ``"chain"`` (one op per factor, the paper's literal form).
+        mode: ``"online"`` (factors composed into one kernel in the graph, the kernels of layers
+            with factors of the same shapes together: :func:`passes.batch_compositions`; about the
+            compact model's training cost) or ``"chain"`` (one op per factor, the paper's literal form).
         include, exclude: qualified-name globs (``"layer1.*"``) or module types to expand / to keep.
         depth: linear ops per chain, ``>= 2``.
         seed: seed of the random orthonormal factors.
@@ -107,7 +108,7 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
     if not trace:
         return passes.expand_modules(model, **options)
     gm = model if isinstance(model, fx.GraphModule) else passes.trace(model, leaf_modules=leaf_modules)
-    return passes.expand(gm, **options)
+    return passes.batch_compositions(passes.expand(gm, **options), inplace=True)
 
 
 def report(model: nn.Module) -> dict:

@@ -78,17 +78,27 @@ class KernelComposer(nn.Module):
         self.order = order
         self._cache: tuple[tuple[Tensor, ...], Tensor] | None = None
 
-    def forward(self, *factors: Tensor) -> Tensor:
+    def forward(self, *factors: Tensor, composed: Tensor | None = None) -> Tensor:
+        """The kernel composed from ``factors``; ``composed``: the kernel as a :class:`BatchComposer`
+        composed it together with other layers' (see :mod:`passes.batch`), returned as it is."""
+        if composed is not None:
+            return composed
         if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
             self._cache = None
-            return linalg.compose(factors, self.groups, self.kernel_index, self.order)
+            return self._compose(factors)
         if self._cache is not None and _bitwise_equal(self._cache[0], factors):
             return self._cache[1]
         self._cache = None  # free the old copy before taking a new one
-        kernel = linalg.compose(factors, self.groups, self.kernel_index, self.order)
-        if sum(f.numel() * f.element_size() for f in factors) <= CACHE_MAX_BYTES:
+        kernel = self._compose(factors)
+        if self._bytes_per_layer(factors) <= CACHE_MAX_BYTES:
             self._cache = (tuple(f.detach().clone() for f in factors), kernel)
         return kernel
+
+    def _compose(self, factors: Sequence[Tensor]):
+        return linalg.compose(factors, self.groups, self.kernel_index, self.order)
+
+    def _bytes_per_layer(self, factors: Sequence[Tensor]) -> int:
+        return sum(f.numel() * f.element_size() for f in factors)
 
     def train(self, mode: bool = True) -> KernelComposer:
         if mode:
@@ -106,6 +116,30 @@ class KernelComposer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, kernel_index={self.kernel_index}, order={self.order}"
+
+
+class BatchComposer(KernelComposer):
+    """Composes the kernels of ``layers`` expanded layers whose factors have the same shapes, with one
+    set of batched matmuls (:func:`passes.linalg.compose_many`); called with the factors of every
+    layer, first layer's first, it returns their kernels as a tuple.  :func:`passes.batch.batch_compositions`
+    puts it in a graph; it caches in eval mode like :class:`KernelComposer`, per layer's bytes."""
+
+    def __init__(self, layers: int, groups: int, kernel_index: int, order: str):
+        super().__init__(groups, kernel_index, order)
+        self.layers = layers
+
+    def _compose(self, factors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        if len(factors) % self.layers:
+            raise ExpansionError(f"a BatchComposer of {self.layers} layers got {len(factors)} factors")
+        depth = len(factors) // self.layers
+        chains = [factors[i * depth:(i + 1) * depth] for i in range(self.layers)]
+        return linalg.compose_many(chains, self.groups, self.kernel_index, self.order)
+
+    def _bytes_per_layer(self, factors: Sequence[Tensor]) -> int:
+        return super()._bytes_per_layer(factors) // self.layers
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers}, {super().extra_repr()}"
 
 
 class WeightRead(KernelComposer):
@@ -358,5 +392,5 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
 
 
-__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "WeightRead", "ExpandedLayer", "weight_problem",
+__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "BatchComposer", "WeightRead", "ExpandedLayer", "weight_problem",
            "module_problem", "new_expanded_layer", "layer_nodes", "site_ends", "source_of", "parameter_count"]

@@ -8,6 +8,7 @@ import networkx as nx
 import torch.fx as fx
 
 from . import linalg
+from .batch import unbatch_compositions
 from .errors import FusionError
 from .expand import progress
 from .expanded import COMPOSED, ExpandedLayer, chain_plan, layer_nodes, parameter_count, site_ends
@@ -32,7 +33,8 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     comes back as a parameter read by ``get_attr`` (of the shape it had: a weight of an ``x @ W``
     product keeps its ``(in, out)`` layout and its sites become ``linear(x, W.t())``); the layer's
     weight reads read that parameter again.  Factors are composed in float64 and cast back
-    to their dtype and device.  Returns a new GraphModule; ``gm`` is not changed.
+    to their dtype and device.  Layers composed together (:mod:`passes.batch`) are fused each on its
+    own.  Returns a new GraphModule; ``gm`` is not changed.
 
     Raises:
         FusionError: a subgraph does not have the shape the expansion gave it (an edit inserted
@@ -40,7 +42,7 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     """
     # the factors are only read, and then dropped: share them with gm instead of copying them
     factors = {id(p): p for m in gm.modules() if isinstance(m, ExpandedLayer) for p in m.factors}
-    gm = copy.deepcopy(gm, memo=factors)
+    gm = unbatch_compositions(copy.deepcopy(gm, memo=factors), inplace=True)
     graph = gm.graph
     layers = {name: m for name, m in gm.named_modules() if isinstance(m, ExpandedLayer)}
     flow = dataflow(graph)

@@ -432,6 +432,21 @@ def compose(factors: Sequence[Tensor], groups: int, kernel_index: int, order: st
     return kernel.transpose(2, 3).reshape(-1).view(g * rows, -1, *kernel_size)
 
 
+def compose_many(chains: Sequence[Sequence[Tensor]], groups: int, kernel_index: int,
+                 order: str | None = None) -> tuple[Tensor, ...]:
+    """:func:`compose` of several chains whose factors have the same shapes, dtype and device, with one
+    set of batched matmuls: the chains' factors concatenated along their output rows are one chain of
+    ``groups * len(chains)`` groups, each chain a block of it (the same products per block).  Chains
+    that differ in any of those (a model split over devices after it was expanded) compose one by one."""
+    first = chains[0]
+    if len(chains) == 1 or any(len(chain) != len(first) or any(
+            f.shape != g.shape or f.dtype != g.dtype or f.device != g.device for f, g in zip(chain, first))
+            for chain in chains[1:]):
+        return tuple(compose(chain, groups, kernel_index, order) for chain in chains)
+    kernels = compose([torch.cat(column) for column in zip(*chains)], groups * len(chains), kernel_index, order)
+    return kernels.split(kernels.shape[0] // len(chains))
+
+
 def compose_exact(factors: Sequence[Tensor], groups: int, kernel_index: int) -> Tensor:
     """:func:`compose` in :func:`compute_dtype` (float64), cast back to the dtype and device of the
     factors; no autograd."""
