@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import operator
 
 import torch.fx as fx
@@ -43,7 +44,8 @@ def batch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphMod
     Returns a GraphModule (a copy of ``gm`` unless ``inplace``) that computes the same kernels, with
     each set of two or more such layers composed by one root-level ``fxlop_compose_<i>``
     :class:`BatchComposer` placed before the first of them; ``meta["fxlop"]["batch"]`` lists the sets.
-    Layers composed already in a batch, single layers and ``chain``-mode graphs are left as they are.
+    Layers composed in a batch already, pointwise layers over :data:`POINTWISE_MAX_MACS`, layers
+    without a same-shape partner and ``chain``-mode graphs are left as they are.
     """
     if not inplace:
         gm = copy.deepcopy(gm)
@@ -56,7 +58,7 @@ def batch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphMod
             continue
         name, layer = found
         factors = list(layer.factors)
-        pointwise = factors[layer.kernel_index][0, 0].numel() == 1
+        pointwise = math.prod(factors[layer.kernel_index].shape[2:]) == 1
         cost = linalg.compose_cost([f.shape for f in factors], layer.groups, layer.kernel_index)
         if pointwise and cost > POINTWISE_MAX_MACS:
             continue
@@ -121,7 +123,7 @@ def unbatch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphM
 def _composer_call(node: fx.Node, modules: dict) -> tuple[str, ExpandedLayer] | None:
     """``(layer name, layer)`` when ``node`` is a layer's own composer called on its own factors and
     not yet given a batched kernel; else None."""
-    if type(modules.get(node.target)) is not KernelComposer or "composed" in node.kwargs:
+    if type(modules.get(node.target)) is not KernelComposer:
         return None
     name = node.target[: -len(".compose")]
     layer = modules.get(name)

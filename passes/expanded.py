@@ -392,5 +392,6 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
 
 
-__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "BatchComposer", "WeightRead", "ExpandedLayer", "weight_problem",
-           "module_problem", "new_expanded_layer", "layer_nodes", "site_ends", "source_of", "parameter_count"]
+__all__ = ["COMPOSED", "MODES", "Step", "chain_plan", "KernelComposer", "BatchComposer", "WeightRead", "ExpandedLayer",
+           "weight_problem", "module_problem", "new_expanded_layer", "layer_nodes", "site_ends", "source_of",
+           "parameter_count"]
