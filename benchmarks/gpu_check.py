@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fxlop  # noqa: E402
+import passes  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune  # noqa: E402
-from fxlop.verify import relative_error  # noqa: E402
+from fxlop.verify import default_rtol, relative_error  # noqa: E402
 
 
 def models(dry_run: bool) -> dict:
@@ -101,6 +102,10 @@ def check_model(name: str, model: torch.nn.Module, side: int, device: torch.devi
         # the same comparison under bf16 autocast (the fine-tuning setting): tolerance of the bf16 output
         with torch.autocast(device.type, dtype=torch.bfloat16):
             row["expand_error_bf16_autocast"] = fxlop.verify(model, gm, x)
+    # layers composed together on the device give the kernels each layer composes on its own
+    row["batched_layers"] = sum(len(s["layers"]) for s in fxlop.report(gm).get("batch", []))
+    with torch.no_grad():
+        row["batched_vs_per_layer"] = relative_error(gm(x), passes.unbatch_compositions(gm)(x))
     # a fine-tuning step under bf16 autocast: gradients on the device, finite
     gm.train()
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -121,8 +126,9 @@ def check_model(name: str, model: torch.nn.Module, side: int, device: torch.devi
     row["fuse_error"] = fxlop.verify(gm, fused, x)
     with torch.no_grad():
         row["perturbation"] = relative_error(gm(x), model(x))  # the fused model really carries the trained factors
+    row["batched_ok"] = row["batched_vs_per_layer"] <= default_rtol(dtype)
     row["ok"] = all(row[k] for k in ("factors_on_device", "same_seed_same_factors", "autocast_step_gradients_ok",
-                                     "fused_on_device", "same_state_dict"))
+                                     "fused_on_device", "same_state_dict", "batched_ok"))
     return row
 
 
