@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import fxlop  # noqa: E402
-import passes  # noqa: E402
+from fxlop import passes  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune  # noqa: E402
 from fxlop.verify import default_rtol, relative_error  # noqa: E402

@@ -41,9 +41,9 @@ import recovery  # noqa: E402
 
 import fxlop  # noqa: E402
 from fxlop.data import make_loader  # noqa: E402
-from passes import linalg  # noqa: E402
-from passes.dynamics import factor_gains, gain_range, preconditioner  # noqa: E402
-from passes.expanded import ExpandedLayer  # noqa: E402
+from fxlop.passes import linalg  # noqa: E402
+from fxlop.passes.dynamics import factor_gains, gain_range, preconditioner  # noqa: E402
+from fxlop.passes.expanded import ExpandedLayer  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,8 +45,8 @@ import fxlop  # noqa: E402
 from fxlop.data import MNIST1D_REFERENCE, load_dataset, make_loader  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune, prune_steps  # noqa: E402
-from passes.expand import POINTWISE_EXPANSION  # noqa: E402
-from passes.expanded import ExpandedLayer  # noqa: E402
+from fxlop.passes.expand import POINTWISE_EXPANSION  # noqa: E402
+from fxlop.passes.expanded import ExpandedLayer  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 

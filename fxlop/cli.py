@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION
+    from .passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION
 
     from .pipeline import RunSettings
 
@@ -175,7 +175,7 @@ def _expand(args) -> int:
 
 
 def _fuse(args) -> int:
-    from passes.expanded import ExpandedLayer
+    from .passes.expanded import ExpandedLayer
 
     from .core import fuse, report
     from .models import load_model

@@ -61,7 +61,8 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
         mode: ``"online"`` (factors composed into one kernel in the graph, the kernels of layers
             with factors of the same shapes together: :func:`passes.batch_compositions`; about the
             compact model's training cost) or ``"chain"`` (one op per factor, the paper's literal form).
-        include, exclude: qualified-name globs (``"layer1.*"``) or module types to expand / to keep.
+        include: qualified-name globs (``"layer1.*"``) or module types to expand.
+        exclude: qualified-name globs or module types to keep as they are.
         depth: linear ops per chain, ``>= 2``.
         seed: seed of the random orthonormal factors.
         init: ``"orthogonal"`` or ``"balanced"`` (all factors at the same spectral norm).
@@ -196,10 +197,12 @@ class overparameterized:
     :class:`ExpansionError`, and so is entering the same block object twice; a block can be entered
     again after it exited (a fresh expansion).
 
+    The options (``expansion``, ``pointwise_expansion``, ``mode``, ``include``, ``exclude``, ``depth``,
+    ``seed``, ``init``, ``max_params``, ``max_bytes``, ``max_seconds``, ``max_layer_params``) are those of
+    :func:`expand`; they are checked here, before any work.
+
     Args:
         model: an ``nn.Module`` (not a layer itself: its layers are swapped inside it).
-        expansion, pointwise_expansion, mode, include, exclude, depth, seed, init, max_params, max_bytes,
-            max_seconds, max_layer_params: as for :func:`expand`; checked here, before any work.
 
     Raises:
         ExpansionError: invalid options, an expansion over a limit, a model already expanded.

@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-import passes
-from passes.tap import layer_names, linear_layer_names, match_names, tap, tapped_node
+from . import passes
+from .passes.tap import layer_names, linear_layer_names, match_names, tap, tapped_node
 
 from .errors import FxlopError
 

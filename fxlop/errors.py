@@ -1,5 +1,5 @@
 """The errors fxlop raises on purpose; all derive from :class:`FxlopError`."""
-from passes.errors import ExpansionError, FusionError, FxlopError, SelectionError, TraceError
+from .passes.errors import ExpansionError, FusionError, FxlopError, SelectionError, TraceError
 
 
 class EquivalenceError(FxlopError):

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from passes.expand import INITS, POINTWISE_EXPANSION, check_options
-from passes.expanded import MODES
-from passes.tap import layer_names, match_names
-from passes.trace import trace
+from .passes.expand import INITS, POINTWISE_EXPANSION, check_options
+from .passes.expanded import MODES
+from .passes.tap import layer_names, match_names
+from .passes.trace import trace
 
 from . import data as datasets
 from . import models

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from passes.dynamics import factor_gains
-from passes.expanded import ExpandedLayer
+from .passes.dynamics import factor_gains
+from .passes.expanded import ExpandedLayer
 
 from .distill import Distiller, distiller
 from .errors import FxlopError

@@ -158,9 +158,10 @@ _OPTIONS_DOC = """
         mode: ``"online"`` composes the factors into one kernel inside the graph (about the compact
             model's cost); ``"chain"`` runs one op per factor.  Same function, same gradients.
         depth: number of linear ops in each chain (``>= 2``).
-        include, exclude: qualified-name globs or module types; functional calls match the module type
+        include: qualified-name globs or module types to expand; functional calls match the module type
             of their functional (``F.conv2d`` ~ ``nn.Conv2d``, products ~ ``nn.Linear``) and the name of
             their weight.
+        exclude: qualified-name globs or module types to leave alone, matched as for ``include``.
         seed: seed of the random orthonormal outer factors; each layer draws from a generator on its
             weight's device seeded by ``seed`` and its name, so its factors do not depend on which other
             layers are expanded.  Reproducible per device type (CPU and CUDA draw different numbers).

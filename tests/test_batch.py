@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 
 import fxlop
-import passes
-import passes.batch
+from fxlop import passes
+import fxlop.passes.batch
 from fxlop.models import build_model
 from fxlop.verify import relative_error
-from passes import BatchComposer, ExpandedLayer, linalg
+from fxlop.passes import BatchComposer, ExpandedLayer, linalg
 
 from conftest import FP32_RTOL
 

@@ -13,11 +13,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxlop
 from fxlop.verify import relative_error
-from passes import linalg
+from fxlop.passes import linalg
 
 from conftest import FP32_RTOL
 
-expand_pass = importlib.import_module("passes.expand")  # the module, not the function passes exports
+expand_pass = importlib.import_module("fxlop.passes.expand")  # the module, not the function passes exports
 
 
 class Allocations(TorchDispatchMode):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxlop
-import passes
+from fxlop import passes
 from fxlop.cli import main
 from fxlop.data import load_dataset, make_loader
 from fxlop.models import build_model

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.verify import relative_error
-from passes import ExpandedLayer
+from fxlop.passes import ExpandedLayer
 
 from conftest import FP32_RTOL
 

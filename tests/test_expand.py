@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.verify import relative_error
-from passes import ExpandedLayer, linalg
+from fxlop.passes import ExpandedLayer, linalg
 
 from conftest import FP32_RTOL, FP64_RTOL, FunctionalLayer
 
@@ -487,17 +487,17 @@ def test_kernel_cache_is_dropped_by_train_and_to():
 
 
 def test_kernel_cache_holds_no_copy_of_large_factors(monkeypatch):
-    import passes.expanded
+    from fxlop.passes import expanded
 
     gm = _cached_model()
     composer = gm.get_submodule("0.compose")
     size = sum(f.numel() * f.element_size() for f in gm.get_submodule("0").factors)
     x = torch.randn(1, 3, 6, 6)
-    monkeypatch.setattr(passes.expanded, "CACHE_MAX_BYTES", size - 1)
+    monkeypatch.setattr(expanded, "CACHE_MAX_BYTES", size - 1)
     with torch.no_grad():
         first = gm(x)
         assert composer._cache is None and torch.equal(gm(x), first)  # composed again, same result
-    monkeypatch.setattr(passes.expanded, "CACHE_MAX_BYTES", size)
+    monkeypatch.setattr(expanded, "CACHE_MAX_BYTES", size)
     with torch.no_grad():
         gm(x)
     assert composer._cache is not None

@@ -8,9 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxlop
-import passes
+from fxlop import passes
 from fxlop.verify import relative_error
-from passes import ExpandedLayer
+from fxlop.passes import ExpandedLayer
 
 from conftest import FunctionalLayer
 

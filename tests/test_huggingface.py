@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fxlop  # noqa: E402
-from passes import ExpandedLayer  # noqa: E402
+from fxlop.passes import ExpandedLayer  # noqa: E402
 
 from conftest import FP32_RTOL  # noqa: E402
 

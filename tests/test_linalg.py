@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from fxlop.verify import relative_error
-from passes import linalg
+from fxlop.passes import linalg
 
 from conftest import FP64_RTOL
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxlop
-from passes import ExpandedLayer
+from fxlop.passes import ExpandedLayer
 
 from conftest import FP32_RTOL
 
@@ -211,7 +211,7 @@ def test_an_optimizer_built_before_the_block_holds_the_fused_weights_after_it():
 
 def test_an_error_while_expanding_leaves_the_model_as_it_was(monkeypatch):
     """Never half expanded: every layer is built before the first one is swapped in."""
-    driver = importlib.import_module("passes.expand")  # the module (the package exports the function `expand`)
+    driver = importlib.import_module("fxlop.passes.expand")  # the module (the package exports the function `expand`)
     model = Net()
     modules = dict(model.named_modules(remove_duplicate=False))
     built = []

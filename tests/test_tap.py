@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.verify import relative_error
-import passes
-from passes.tap import layer_names, linear_layer_names, tap
+from fxlop import passes
+from fxlop.passes.tap import layer_names, linear_layer_names, tap
 
 from conftest import FP32_RTOL
 
