@@ -101,6 +101,9 @@ class _Layer:
 #: temporaries included) or to take more than ``MAX_SECONDS`` (expand and the fuse it will need, on the
 #: model's device) is refused before anything is allocated.
 MAX_LAYER_PARAMS = 2 ** 26
+#: the largest width multiplier accepted at all (ExpandNets use 4): past it the widths alone are absurd, and
+#: refusing costs nothing, where planning a layer at such widths would overflow the estimates
+MAX_EXPANSION = 1024
 MAX_BYTES = 2 ** 32
 MAX_SECONDS = 60.0
 #: the seconds estimate has come out up to 1.44x short on the zoo's models (RegNet, ConvNeXt; 2-core CPU) and
@@ -355,8 +358,9 @@ def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, d
         if max_layer_params is None or item.cost.params <= max_layer_params:
             planned.append(item)
             continue
-        # the largest expansion in steps of 1/4 whose factors fit (parameters grow with the expansion)
-        steps = [s / 4 for s in range(math.ceil(4 * own) - 1, 3, -1)]
+        # the largest expansion in steps of 1/4 whose factors fit (parameters grow with the expansion);
+        # the steps are counted, not listed, so that a huge expansion costs a few dozen plans, not memory
+        steps = _QuarterSteps(1, own, descending=True)
         low, high = 0, len(steps)
         while low < high:
             middle = (low + high) // 2
@@ -480,7 +484,7 @@ def _options(planned, found, limits, params_before, copy_bytes, expansion, depth
     options = []
     # a lower expansion for the largest layers only: the largest per-layer limit that fits and still
     # expands every layer (at least at expansion 1); the candidates are the layers' sizes at quarter steps
-    steps = [step / 4 for step in range(4, math.ceil(4 * expansion))]
+    steps = _QuarterSteps(1, expansion, limit=_MAX_CANDIDATES)
     sizes = {(p.name, step): Planned.of(p.name, p.weight, p.groups, step, depth) for p in planned for step in steps}
     cache.update(sizes)
     floor = max((sizes[p.name, 1.0].cost.params for p in planned), default=0) if steps else math.inf
@@ -519,6 +523,38 @@ def _options(planned, found, limits, params_before, copy_bytes, expansion, depth
               "max_seconds": f"max_seconds={_round_up(1.1 * SECONDS_MARGIN * sum(found['seconds'].values())):g}"}
     options.append(" and ".join(needed[k] for k in _over(found, limits)) + " (or None: no limit)")
     return options
+
+
+#: at most this many expansions are tried as options of a refusal (a huge ``expansion`` would otherwise
+#: plan every quarter step up to it)
+_MAX_CANDIDATES = 64
+
+
+class _QuarterSteps(Sequence):
+    """The expansions ``low, low + 1/4, ...`` below ``high`` (``descending``: from the largest down),
+    without listing them: indexing is arithmetic, so a huge ``high`` costs no memory.  ``limit``
+    keeps at most that many of them, spread evenly (the first and the last kept), for searches whose
+    every candidate is planned."""
+
+    def __init__(self, low: float, high: float, *, descending: bool = False, limit: int | None = None):
+        self.first = math.ceil(4 * low)
+        self.count = max(0, math.ceil(4 * high) - self.first)
+        self.descending = descending
+        self.stride = 1.0 if limit is None or self.count <= limit else (self.count - 1) / (limit - 1)
+        self.length = self.count if self.stride == 1.0 else limit
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.length))]
+        if index < 0:
+            index += self.length
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        offset = round(index * self.stride)
+        return ((self.first + self.count - 1 - offset) if self.descending else (self.first + offset)) / 4
 
 
 def _gb(count: int | None) -> str:
@@ -560,12 +596,13 @@ def check_options(expansion, mode, depth, max_params, init, *, max_bytes=None, m
         raise ExpansionError(f"init must be one of {INITS}, got {init!r}")
     if mode not in MODES:
         raise ExpansionError(f"mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(expansion, Real) or isinstance(expansion, bool) or not 1 <= expansion < math.inf:
-        raise ExpansionError(f"expansion must be a finite number >= 1, got {expansion!r}")
+    if not isinstance(expansion, Real) or isinstance(expansion, bool) or not 1 <= expansion <= MAX_EXPANSION:
+        raise ExpansionError(f"expansion must be a finite number >= 1, got {expansion!r} (at most {MAX_EXPANSION})")
     if pointwise_expansion is not None and (not isinstance(pointwise_expansion, Real)
                                             or isinstance(pointwise_expansion, bool)
-                                            or not 1 <= pointwise_expansion < math.inf):
-        raise ExpansionError(f"pointwise_expansion must be a finite number >= 1 or None, got {pointwise_expansion!r}")
+                                            or not 1 <= pointwise_expansion <= MAX_EXPANSION):
+        raise ExpansionError(f"pointwise_expansion must be a finite number >= 1 or None, got {pointwise_expansion!r} "
+                             f"(at most {MAX_EXPANSION})")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 2:
         raise ExpansionError(f"depth must be an integer >= 2, got {depth!r}")
     for name, value in (("max_params", max_params), ("max_bytes", max_bytes), ("max_layer_params", max_layer_params)):

@@ -214,12 +214,14 @@ class ExpandedLayer(nn.Module):
             ``passes.fuse`` can fuse it then.
         transposed_weight: the replaced weight was stored ``(in, out)``, the transpose of the
             ``(out, in)`` the factors compose (``Conv1D``; ``x @ W`` products in graphs).
+        weight_shape: the replaced weight's shape as stored; :meth:`fused` checks the composed weight
+            against it (a module layer is also checked against its constructor's shape).
     """
 
     def __init__(self, factors: Sequence[Tensor], groups: int, kernel_index: int,
                  source: tuple[type, dict] | None = None, bias: nn.Parameter | None = None,
                  call: Call | None = None, mode: str = "online", in_graph: bool = False,
-                 transposed_weight: bool = False):
+                 transposed_weight: bool = False, weight_shape: Sequence[int] | None = None):
         super().__init__()
         self.factors = nn.ParameterList([f if isinstance(f, nn.Parameter) else nn.Parameter(f) for f in factors])
         self.bias = bias
@@ -230,6 +232,8 @@ class ExpandedLayer(nn.Module):
         self.mode = mode
         self.in_graph = in_graph
         self.transposed_weight = transposed_weight
+        #: the replaced weight's shape as it was stored (checked again at fuse); None when not known
+        self.weight_shape = None if weight_shape is None else tuple(weight_shape)
         for key, value in (source[1] if source else {}).items():
             if key in CONSTRUCTOR_ATTRIBUTES:
                 setattr(self, key, value)
@@ -241,6 +245,7 @@ class ExpandedLayer(nn.Module):
         # expanded layers pickled before they answered ``weight`` (torch.save of a whole model)
         super().__setstate__(state)
         self.__dict__.setdefault("transposed_weight", False)
+        self.__dict__.setdefault("weight_shape", None)
         if "read" not in self._modules:
             self.read = WeightRead(self.groups, self.kernel_index, self.compose.order, self.transposed_weight)
 
@@ -264,12 +269,35 @@ class ExpandedLayer(nn.Module):
         weight = linalg.compose_exact(list(self.factors), self.groups, self.kernel_index)
         return weight.t().contiguous() if self.transposed_weight else weight
 
-    def fused(self) -> nn.Module | nn.Parameter:
-        """What this layer replaced, with the composed weight: the module, or the weight parameter."""
-        weight = nn.Parameter(self.fused_weight(), self.factors[0].requires_grad)
-        if self.source is None:
+    def fused(self, name: str = "") -> nn.Module | nn.Parameter:
+        """What this layer replaced, with the composed weight: the module, or the weight parameter.
+
+        Args:
+            name: the layer's qualified name, for the error message.
+
+        Raises:
+            FusionError: the factors (edited since the expansion) do not compose, or compose to a
+                weight of another shape than the replaced layer's.
+        """
+        where = f"expanded layer '{name}'" if name else "an expanded layer"
+        try:
+            composed = self.fused_weight()
+        except RuntimeError as error:
+            shapes = ", ".join(str(tuple(f.shape)) for f in self.factors)
+            raise FusionError(f"cannot fuse {where}: its factors of shapes {shapes} do not compose ({error}); "
+                              f"a factor was replaced by one of another shape after expand") from error
+        module = _rebuild(*self.source) if self.source is not None else None
+        expected = self.weight_shape
+        if module is not None:
+            expected = tuple(module.weight.shape) if isinstance(getattr(module, "weight", None), Tensor) \
+                else (self.source[1]["nx"], self.source[1]["nf"])  # Conv1D: stored (in, out)
+        if expected is not None and tuple(composed.shape) != tuple(expected):
+            raise FusionError(f"cannot fuse {where}: its factors compose to a weight of shape "
+                              f"{tuple(composed.shape)}, not the {tuple(expected)} of the layer it replaced; a factor "
+                              f"was replaced by one of another shape after expand")
+        weight = nn.Parameter(composed, self.factors[0].requires_grad)
+        if module is None:
             return weight
-        module = _rebuild(*self.source)
         module.weight = weight
         module.bias = self.bias
         return module.train(self.training)
@@ -346,10 +374,10 @@ def new_expanded_layer(weight: Tensor, groups: int, shapes, kernel_index: int, g
     factors = [nn.Parameter(f, requires_grad=weight.requires_grad) for f in factors]
     if module is None:
         return ExpandedLayer(factors, groups, kernel_index, mode=mode, in_graph=in_graph,
-                             transposed_weight=transposed_weight)
+                             transposed_weight=transposed_weight, weight_shape=weight.shape)
     return ExpandedLayer(factors, groups, kernel_index, source=source_of(module), bias=module.bias,
                          call=call_of_module(module), mode=mode, in_graph=in_graph,
-                         transposed_weight=transposed_weight)
+                         transposed_weight=transposed_weight, weight_shape=weight.shape)
 
 
 def layer_nodes(graph: fx.Graph, name: str) -> list[fx.Node]:

@@ -55,18 +55,23 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
         sites = [_match_site(end, name, layer) for end in site_ends(own, name, layer)]
         reads = [n for n in own if n.op == "call_module" and n.target == f"{name}.read"]
         _check_boundary(flow, name, own, sites, reads)
-        set_attr(gm, name, layer.fused())
+        set_attr(gm, name, layer.fused(name))
         weight_name = name if layer.source is None else f"{name}.weight"
+        # a site whose input is another site's end (the layer called on its own output, self.l(self.l(x)))
+        # takes the fused op that replaced that end: the sites were matched before any was rewritten
+        replaced: dict[fx.Node, fx.Node] = {}
         for site in sites:
+            source = replaced.get(site.input, site.input)
             with inserting_before_with_meta(graph, site.end):
                 if layer.source is not None:
-                    value = graph.call_module(name, (site.input,))
+                    value = graph.call_module(name, (source,))
                 else:
                     weight = graph.get_attr(name)
                     if layer.transposed_weight:
                         weight = graph.call_function(transpose_like(site.call.function), (weight,))
-                    value = emit(graph, site.call, site.input, weight, site.bias)
+                    value = emit(graph, site.call, source, weight, site.bias)
             site.end.replace_all_uses_with(value)
+            replaced[site.end] = value
             for node in site.nodes:
                 graph.erase_node(node)
         for read in reads:

@@ -264,3 +264,65 @@ def test_shared_module_and_reexpansion():
     again = fxlop.expand(gm)
     assert fxlop.report(again)["expand"]["expanded"] == []
     assert fxlop.report(again)["expand"]["skipped"] == [{"name": "0", "reason": "already expanded"}]
+
+
+# --- issue 26: adversarial inputs that did not give a clear error --------------------------------------------
+
+
+@pytest.mark.parametrize("options", [dict(expansion=1e9), dict(expansion=1e9, max_layer_params=None),
+                                     dict(expansion=1e5), dict(pointwise_expansion=1e9, max_layer_params=None)])
+def test_absurd_expansion_is_refused_at_once(options):
+    import time
+    began = time.perf_counter()
+    with pytest.raises(fxlop.ExpansionError, match="at most 1024"):
+        fxlop.expand(_small(), **options)
+    assert time.perf_counter() - began < 1.0
+
+
+def test_refusal_at_the_largest_expansion_plans_a_bounded_number_of_options():
+    import time
+    began = time.perf_counter()
+    with pytest.raises(fxlop.ExpansionError, match="Options that fit"):
+        fxlop.expand(_small(), expansion=1024, max_layer_params=None, max_bytes=10**6)
+    assert time.perf_counter() - began < 5.0
+
+
+def test_graph_fuse_checks_the_factor_shapes():
+    gm = fxlop.expand(_small(), mode="chain")
+    layer = gm.get_submodule("0")
+    middle = layer.factors[1]
+    layer.factors[1] = nn.Parameter(torch.randn(middle.shape[0], middle.shape[1], 1, 1))  # a 1x1 for the 3x3
+    with pytest.raises(fxlop.FusionError, match=r"expanded layer '0'.*\(4, 3, 1, 1\), not the \(4, 3, 3, 3\)"):
+        fxlop.fuse(gm)
+    layer.factors[1] = nn.Parameter(torch.randn(middle.shape[0] + 1, middle.shape[1], 3, 3))  # does not chain
+    with pytest.raises(fxlop.FusionError, match="expanded layer '0'.*do not compose"):
+        fxlop.fuse(gm)
+
+
+class _CalledTwice(nn.Module):
+    """One module applied to its own output: two call sites in series, the second reading the first."""
+
+    def __init__(self, functional=False):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.functional = functional
+
+    def forward(self, x):
+        if self.functional:
+            return F.linear(F.linear(x, self.l.weight), self.l.weight, self.l.bias)
+        return self.l(self.l(x))
+
+
+@pytest.mark.parametrize("how", ["online", "chain", "export", "functional"])
+def test_module_called_twice_in_series_fuses(how):
+    model = _CalledTwice(functional=how == "functional")
+    x = torch.randn(3, 4)
+    source = torch.export.export(model, (x,)) if how == "export" else model
+    gm = fxlop.expand(source, mode="chain" if how == "chain" else "online")
+    assert fxlop.report(gm)["expand"]["expanded"][0]["call_sites"] == 2
+    fused = fxlop.fuse(gm)
+    assert relative_error(model(x), fused(x)) < FP32_RTOL
+    assert fused.get_parameter("l.weight").shape == (4, 4)
+    if how in ("online", "chain"):
+        assert isinstance(fused.get_submodule("l"), nn.Linear)
+        assert sum(n.op == "call_module" for n in fused.graph.nodes) == 2  # still shared, called twice
