@@ -7,12 +7,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-import passes
-from passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION, check_options
-from passes.expanded import ExpandedLayer, parameter_count
-from passes.graph import set_attr
-from passes.ops import module_function
-from passes.select import Patterns, selector
+from . import passes
+from .passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION, check_options
+from .passes.expanded import ExpandedLayer, parameter_count
+from .passes.graph import set_attr
+from .passes.ops import module_function
+from .passes.select import Patterns, selector
 
 
 def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float = 4,
