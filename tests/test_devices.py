@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxlop
 from fxlop.verify import relative_error
-from passes import ExpandedLayer, linalg
+from fxlop.passes import ExpandedLayer, linalg
 
 from conftest import FP64_RTOL, FunctionalLayer
 
@@ -191,7 +191,11 @@ def test_functional_weights_on_meta():
 
 def test_expand_and_fuse_under_a_callers_autocast_stay_exact():
     """Under bf16 autocast (CPU here, CUDA alike) the float32 products that draw and solve the factors
-    would run in bf16: measured 3e-5 instead of 3e-7 before the passes turned autocast off."""
+    would run in bf16: measured 3e-5 instead of 3e-7 before the passes turned autocast off.
+
+    The bound is fp32's: each output is an inner product of length <= 400 through weights composed from
+    fp32 factors, whose roundoff is about sqrt(400) * eps = 2.4e-6 per layer; measured 4.5e-7 to 6.6e-7
+    across CPU kernel sets (the old bound of 1e-6 left less than 2x of room)."""
     model = nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 200))
     x = torch.randn(4, 300)
     torch.set_float32_matmul_precision("high")  # TF32 where the device has it: the passes use full float32
@@ -199,13 +203,13 @@ def test_expand_and_fuse_under_a_callers_autocast_stay_exact():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             gm = fxlop.expand(model)
         with torch.no_grad():
-            assert relative_error(gm(x), model(x)) <= 1e-6
+            assert relative_error(gm(x), model(x)) <= 5e-6
             for param in gm.parameters():
                 param.add_(0.01 * torch.randn_like(param))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fused = fxlop.fuse(gm)
         with torch.no_grad():
-            assert relative_error(fused(x), gm(x)) <= 1e-6
+            assert relative_error(fused(x), gm(x)) <= 5e-6
         assert torch.get_float32_matmul_precision() == "high"  # the caller's setting is back
     finally:
         torch.set_float32_matmul_precision("highest")
