@@ -103,7 +103,7 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
                    exclude=exclude, depth=depth, seed=seed, init=init, max_params=max_params, max_bytes=max_bytes,
                    max_seconds=max_seconds, max_layer_params=max_layer_params)
     check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
-                  max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion)
+                  max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion, seed=seed)
     for patterns in (include, exclude, leaf_modules):
         selector(patterns)  # a bad pattern is refused before any work
     if not trace:
@@ -219,7 +219,7 @@ class overparameterized:
             raise passes.ExpansionError(f"overparameterized swaps the layers inside a model; the model itself is a "
                                         f"{type(model).__name__}: wrap it in a module (nn.Sequential(layer))")
         check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
-                      max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion)
+                      max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion, seed=seed)
         for patterns in (include, exclude):
             selector(patterns)
         self.model = model

@@ -207,6 +207,8 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
             not fit the architecture; the message names the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"model file {path} is a directory, not a file saved by torch.save")
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     try:

@@ -27,6 +27,7 @@ from .passes.expanded import ExpandedLayer
 
 from .distill import Distiller, distiller
 from .errors import FxlopError
+from .io import check_writable, save, write_text
 
 CHECKPOINT_FORMAT = "fxlop-checkpoint/2"
 OPTIMIZERS = ("sgd", "adamw")
@@ -161,13 +162,36 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
         resume: continue from ``checkpoint_path`` if it exists (``model`` must have its structure).
         progress: tqdm bars per epoch and per batch; default: only when stderr is a terminal.
 
+    Every batch is checked before its step: ``(inputs, labels)`` with integer class labels, as many as
+    inputs, within the model's output width (one comparison per batch, so no step is ever taken on a
+    bad batch; the steps of earlier, good batches stay taken).
+
     Returns:
         The trained ``model``, the per-epoch history and the SP taps used.
+
+    Raises:
+        FxlopError: an unknown option or a bad setting, a device that is not available (or ``meta``), an
+            empty loader, a batch that is not ``(inputs, labels)`` with integer labels in range, an
+            unwritable ``log_path``/``checkpoint_path``, a loss that is not finite; all but the last two
+            kinds before any step.
     """
+    if config is not None and not isinstance(config, TrainConfig):
+        raise FxlopError(f"finetune: config must be a fxlop.TrainConfig, got {type(config).__name__}")
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = [k for k in options if k not in fields]
+    if unknown:
+        raise FxlopError(f"finetune: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                         f"the options are finetune's arguments and the fields of TrainConfig: {', '.join(fields)}")
     config = dataclasses.replace(config or TrainConfig(), **options)
     config.check()
     if config.gamma > 0 and teacher is None:
         raise FxlopError("gamma > 0 needs a teacher for the SP loss")
+    _check_loader(train_loader, "train_loader")
+    if val_loader is not None:
+        _check_loader(val_loader, "val_loader")
+    for name, path in (("log_path", log_path), ("checkpoint_path", checkpoint_path)):
+        if path is not None:
+            check_writable(path, name)
     rank, world = init_distributed()
     device = _device(device, world)
     _seed_everything(config.seed + rank)
@@ -222,9 +246,8 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
                     "history": history, "rng": rng, "taps": kd.names if kd else [],
                     "sp_scale": kd.scale if kd else None,
                 })
-            if log_path is not None:
-                with open(log_path, "a") as log:
-                    log.write(json.dumps(record) + "\n")
+            if log_path is not None:  # rewritten whole, atomically: a failed write leaves the last epoch's log
+                _write_log(log_path, history)
     return FinetuneResult(model, history, kd.names if kd else [])
 
 
@@ -253,9 +276,12 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            for x, y in loader:
+            for index, batch in enumerate(loader):
+                where = f"evaluate, batch {index + 1}"
+                x, y = _batch(batch, where)
                 x, y = _to_device(x, device), y.to(device)
                 logits = _logits(_call(model, x)).float()
+                _check_labels(logits, y, where)
                 totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
                                        (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), device=device).double()])
     finally:
@@ -269,29 +295,17 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``:
-    readers (and a resume after kill -9) see the old checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """``torch.save`` through :func:`fxlop.io.atomic_write` (a temporary file in the same directory,
+    fsync, rename over ``path``): readers (and a resume after kill -9) see the old checkpoint or the
+    new one, never a torn file."""
+    save(payload, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     """Read a checkpoint written by :func:`finetune`; a missing or unreadable file is an FxlopError."""
     path = Path(path)
+    if path.is_dir():
+        raise FxlopError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FxlopError(f"checkpoint {path} does not exist")
     try:
@@ -314,11 +328,14 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
         sampler.set_epoch(epoch)
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, sp, correct, count (sums)
     batches = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=_disable(show))
-    for x, y in batches:
+    for index, batch in enumerate(batches):
+        where = f"train_loader, epoch {epoch + 1}, batch {index + 1}"
+        x, y = _batch(batch, where)
         x, y = _to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             output = _call(forward_model, x)
             logits = _logits(output).float()
+            _check_labels(logits, y, where)
             ce = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             sp = torch.zeros((), device=device)
             if kd is not None:
@@ -337,6 +354,8 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss, ce, sp, correct, count = totals.tolist()
+    if count == 0:
+        raise FxlopError(f"train_loader yielded no samples in epoch {epoch + 1}")
     return {"train_loss": loss / count, "train_ce": ce / count, "train_sp": sp / count,
             "train_accuracy": correct / count, "samples": int(count)}
 
@@ -374,6 +393,65 @@ def _to_device(inputs, device, non_blocking: bool = False):
         return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
                 for k, v in inputs.items()}
     return inputs.to(device, non_blocking=non_blocking)
+
+
+def _check_loader(loader, name: str) -> None:
+    """Refuse a loader that cannot give batches: not iterable, or of length 0."""
+    if isinstance(loader, (torch.Tensor, np.ndarray, Mapping, str)) or not isinstance(loader, Iterable):
+        raise FxlopError(f"{name} must be an iterable of (inputs, labels) batches such as a DataLoader, "
+                         f"got {type(loader).__name__}")
+    try:
+        empty = len(loader) == 0
+    except TypeError:  # an iterable without a length: an empty one is found at the end of the first epoch
+        empty = False
+    if empty:
+        raise FxlopError(f"{name} is empty: it yields no batches")
+
+
+def _batch(batch, where: str):
+    """``(inputs, labels)`` of one batch, or FxlopError saying what the batch is instead."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        kind = f"a {len(batch)}-tuple" if isinstance(batch, (tuple, list)) else f"a {type(batch).__name__}"
+        raise FxlopError(f"{where}: a batch must be a pair (inputs, labels), got {kind} (a dataset of bare tensors "
+                         f"needs labels: TensorDataset(inputs, labels))")
+    x, y = batch
+    if not isinstance(x, (torch.Tensor, Mapping)):
+        raise FxlopError(f"{where}: inputs must be a tensor or a mapping of keyword tensors, got {type(x).__name__}"
+                         + (" (torch.from_numpy converts it)" if isinstance(x, np.ndarray) else ""))
+    if not isinstance(y, torch.Tensor):
+        raise FxlopError(f"{where}: labels must be a tensor of class indices, got {type(y).__name__}"
+                         + (" (torch.from_numpy converts it)" if isinstance(y, np.ndarray) else ""))
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise FxlopError(f"{where}: labels must be integer class indices, got dtype {y.dtype}")
+    return x, y.long()
+
+
+def _check_labels(logits: torch.Tensor, y: torch.Tensor, where: str) -> None:
+    """Labels as many as the outputs and within the output width (one comparison, before any step)."""
+    if logits.dim() < 2 or y.dim() < 1 or y.shape[0] != logits.shape[0]:
+        raise FxlopError(f"{where}: {tuple(y.shape)} labels for model outputs of shape {tuple(logits.shape)}; "
+                         f"expected one class index per input")
+    classes = logits.shape[1]
+    if bool(((y < 0) | (y >= classes)).any()):
+        raise FxlopError(f"{where}: labels range over [{int(y.min())}, {int(y.max())}], outside the model's "
+                         f"{classes} outputs (classes 0..{classes - 1})")
+
+
+def check_device(device, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that can run training here, or FxlopError: not a device, not
+    available (no GPU, an index past the last one) or ``meta``, where nothing can be trained."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise FxlopError(f"{what} {device!r} is not a device (cpu, cuda, cuda:1, ...)") from error
+    if resolved.type == "meta":
+        raise FxlopError(f"{what} {device!r}: the meta device holds no data, nothing can be trained on it")
+    try:
+        torch.empty(0, device=resolved)
+    except Exception as error:  # no driver, no such device, not compiled in: the backends raise many types
+        raise FxlopError(f"{what} {device!r} is not available on this machine: "
+                         f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
+    return resolved
 
 
 def _call(function, inputs):
@@ -528,10 +606,7 @@ def _seed_everything(seed: int) -> None:
 
 def _write_log(path, history: list[dict]) -> None:
     """Start the log over from the (restored) history, so it always matches the checkpoint."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as log:
-        for record in history:
-            log.write(json.dumps(record) + "\n")
+    write_text(path, "".join(json.dumps(record) + "\n" for record in history))
 
 
 def _disable(show: bool | None) -> bool | None:
@@ -558,7 +633,7 @@ def _leave_group() -> None:
 
 def _device(device, world: int) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return check_device(device)
     if torch.cuda.is_available():
         index = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device()
         torch.cuda.set_device(index)

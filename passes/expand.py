@@ -254,7 +254,7 @@ def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, pointwise_expans
     limits = dict(max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
                   max_layer_params=max_layer_params)
     check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
-                  max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion)
+                  max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion, seed=seed)
     began = time.perf_counter()
     layers, skipped = back_end.find(model)
     chosen = _choose(model, layers, skipped, include, exclude)
@@ -330,6 +330,11 @@ def _choose(model: nn.Module, layers: dict[str, _Layer], skipped: dict[str, str]
             chosen.append(layer)
         else:
             skipped[layer.name] = reason
+    if is_included is not None and layers and all(skipped.get(n) == "not matched by include" for n in layers):
+        shown = [include] if isinstance(include, (str, type)) else list(include)
+        warnings.warn(f"fxlop.expand: include={shown!r} matches none of the {len(layers)} expandable layers "
+                      f"({', '.join(list(layers)[:5])}{', ...' if len(layers) > 5 else ''}): nothing is expanded",
+                      stacklevel=5)
     return chosen
 
 
@@ -590,8 +595,10 @@ def parameter_bytes(module: nn.Module) -> int:
 
 
 def check_options(expansion, mode, depth, max_params, init, *, max_bytes=None, max_seconds=None,
-                  max_layer_params=None, pointwise_expansion=None) -> None:
+                  max_layer_params=None, pointwise_expansion=None, seed=0) -> None:
     """Raise ExpansionError for settings the expansion cannot honour."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ExpansionError(f"seed must be an integer, got {seed!r}")
     if init not in INITS:
         raise ExpansionError(f"init must be one of {INITS}, got {init!r}")
     if mode not in MODES:

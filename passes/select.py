@@ -14,11 +14,16 @@ def selector(patterns: Patterns) -> Callable[[str, type], bool] | None:
 
     A string is an ``fnmatch`` glob on the qualified name (``"layer1.*"``); a type matches
     instances of it (subclasses included).  ``None`` gives ``None`` (no filter).
+
+    Raises:
+        SelectionError: ``patterns`` is not a pattern or an iterable of them, or holds something else.
     """
     if patterns is None:
         return None
     if isinstance(patterns, (str, type)):
         patterns = [patterns]
+    if not isinstance(patterns, Iterable):
+        raise SelectionError(f"layer patterns are a glob string, a module type or a list of them, got {patterns!r}")
     patterns = list(patterns)
     for pattern in patterns:
         if not isinstance(pattern, (str, type)):

@@ -326,3 +326,123 @@ def test_module_called_twice_in_series_fuses(how):
     if how in ("online", "chain"):
         assert isinstance(fused.get_submodule("l"), nn.Linear)
         assert sum(n.op == "call_module" for n in fused.graph.nodes) == 2  # still shared, called twice
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(seed="a"), fxlop.ExpansionError, "seed must be an integer, got 'a'"),
+    (dict(seed=1.5), fxlop.ExpansionError, "seed must be an integer, got 1.5"),
+    (dict(include=5), fxlop.SelectionError, "got 5"),
+    (dict(exclude=2.0), fxlop.SelectionError, "got 2.0"),
+    (dict(seed="a", trace=False), fxlop.ExpansionError, "seed must be an integer"),
+])
+def test_option_types_give_fxlop_errors(options, error, match):
+    with pytest.raises(error, match=match):
+        fxlop.expand(_small(), **options)
+
+
+def test_overparameterized_checks_the_seed():
+    with pytest.raises(fxlop.ExpansionError, match="seed must be an integer"):
+        fxlop.overparameterized(_small(), seed="a")
+
+
+def test_include_matching_nothing_warns_naming_the_patterns():
+    with pytest.warns(UserWarning, match=r"include=\['nothing\*', 'neither'\] matches none of the 2"):
+        gm = fxlop.expand(_small(), include=["nothing*", "neither"])
+    assert fxlop.report(gm)["expand"]["expanded"] == []
+
+
+def _loader(*batches):
+    return list(batches)
+
+
+def _pairs(n=2, classes=4, labels=None):
+    x = torch.randn(n, 3, 5, 5)
+    return x, torch.arange(n) % classes if labels is None else labels
+
+
+def _classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # 4 classes
+
+
+BAD_LOADERS = [
+    ("empty loader", [], "train_loader is empty"),
+    ("empty iterable", iter([]), "yielded no samples"),
+    ("bare tensors", [torch.randn(2, 3, 5, 5)], r"batch 1: a batch must be a pair .* got a Tensor"),
+    ("a 1-tuple", [(torch.randn(2, 3, 5, 5),)], "got a 1-tuple"),
+    ("a 3-tuple", [(*_pairs(), torch.zeros(2))], "got a 3-tuple"),
+    ("numpy inputs", [(torch.randn(2, 3, 5, 5).numpy(), torch.tensor([0, 1]))], "torch.from_numpy"),
+    ("numpy labels", [(torch.randn(2, 3, 5, 5), torch.tensor([0, 1]).numpy())], "labels must be a tensor"),
+    ("float labels", [(torch.randn(2, 3, 5, 5), torch.tensor([0.0, 1.0]))], "integer class indices, got dtype"),
+    ("labels out of range", [_pairs(labels=torch.tensor([0, 4]))], r"batch 1: labels range over \[0, 4\]"),
+    ("negative labels", [_pairs(labels=torch.tensor([-1, 0]))], r"labels range over \[-1, 0\]"),
+    ("labels of another count", [_pairs(labels=torch.tensor([0, 1, 2]))], r"\(3,\) labels for model outputs"),
+    ("a tensor as the loader", torch.randn(4, 3), "must be an iterable of"),
+]
+
+
+@pytest.mark.parametrize("loader,match", [c[1:] for c in BAD_LOADERS], ids=[c[0] for c in BAD_LOADERS])
+def test_finetune_refuses_bad_loaders_before_a_step(loader, match):
+    model = _classifier()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(fxlop.FxlopError, match=match):
+        fxlop.finetune(model, loader, epochs=1, lr=0.1)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # no step was taken
+
+
+def test_finetune_stops_on_a_bad_second_batch_before_its_step():
+    model = _classifier()
+    good = _pairs()
+    after_one = copy.deepcopy(model)
+    fxlop.finetune(after_one, [good], epochs=1, lr=0.1, seed=0)
+    with pytest.raises(fxlop.FxlopError, match=r"epoch 1, batch 2: labels range over \[0, 7\]"):
+        fxlop.finetune(model, [good, _pairs(labels=torch.tensor([7, 0]))], epochs=1, lr=0.1, seed=0)
+    for key, value in model.state_dict().items():  # batch 1's step, not batch 2's
+        assert torch.equal(value, after_one.state_dict()[key]), key
+
+
+def test_finetune_accepts_integer_labels_of_any_width():
+    fxlop.finetune(_classifier(), [(_pairs()[0], torch.tensor([0, 3], dtype=torch.int32))], epochs=1)
+
+
+def test_finetune_unknown_option_and_config():
+    with pytest.raises(fxlop.FxlopError, match="unknown option lr_max; the options are"):
+        fxlop.finetune(_classifier(), [_pairs()], lr_max=0.1)
+    with pytest.raises(fxlop.FxlopError, match="config must be a fxlop.TrainConfig"):
+        fxlop.finetune(_classifier(), [_pairs()], config={"lr": 0.1})
+
+
+@pytest.mark.parametrize("device,match", [
+    ("meta", "meta device holds no data"),
+    ("gpu0", "'gpu0' is not a device"),
+    pytest.param("cuda", "'cuda' is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
+    pytest.param("cuda:99", "'cuda:99' is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.device_count() >= 100, reason="a hundred GPUs")),
+])
+def test_finetune_device_not_available(device, match):
+    model = _classifier()
+    with pytest.raises(fxlop.FxlopError, match=match):
+        fxlop.finetune(model, [_pairs()], epochs=1, device=device)
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_directory_given_as_a_model_or_a_checkpoint(tmp_path):
+    from fxlop.models import load_model
+    from fxlop.train import load_checkpoint
+    with pytest.raises(fxlop.FxlopError, match="is a directory"):
+        load_model(tmp_path)
+    with pytest.raises(fxlop.FxlopError, match="is a directory"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(fxlop.FxlopError, match="checkpoint_path .* is a directory"):
+        fxlop.finetune(_classifier(), [_pairs()], epochs=1, checkpoint_path=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("option", ["log_path", "checkpoint_path"])
+def test_unwritable_training_outputs_are_refused_before_training(option):
+    model = _classifier()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(fxlop.FxlopError, match=f"{option} /proc/fxlop-x/x.pt cannot be written"):
+        fxlop.finetune(model, [_pairs()], epochs=1, lr=0.1, **{option: "/proc/fxlop-x/x.pt"})
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
