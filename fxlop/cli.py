@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -11,13 +12,39 @@ import torch
 
 from .errors import EquivalenceError, FxlopError
 
+#: the most elements ``fxlop verify --input-shape`` allocates (512 MiB of fp32)
+MAX_INPUT_ELEMENTS = 2 ** 27
+
 _RUN_HELP = ("train or load a dense model, prune it, fine-tune it with plain fine-tuning and with LOP (expand, "
              "SP distillation, fuse), deploy the best on a validation split after verifying it, and report all")
 
 
+class _UsageError(Exception):
+    """A command line argparse refuses (raised instead of argparse's usage text and exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a refused command line reported like every other error: one ``fxlop: error:``
+    line and exit code 1 (``--help`` still prints the usage)."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success; 1 for any refused input or failure, reported as one
+        ``fxlop: error:`` line on stderr (``fxlop: not equivalent:`` when verify finds a difference);
+        130 when interrupted.
+    """
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as error:
+        print(f"fxlop: error: {error}", file=sys.stderr)
+        return 1
     try:
         return args.handler(args)
     except EquivalenceError as error:
@@ -37,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     from .pipeline import RunSettings
 
     defaults = RunSettings()
-    parser = argparse.ArgumentParser(prog="fxlop", description="Linear over-parameterization of pruned networks.")
+    parser = _Parser(prog="fxlop", description="Linear over-parameterization of pruned networks.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help=_RUN_HELP, description=_RUN_HELP[0].upper() + _RUN_HELP[1:] + ".",
@@ -157,16 +184,27 @@ def _add_settings(group, instance, only=None) -> None:
         group.add_argument("--" + field.name.replace("_", "-"), **options)
 
 
+def _check_output(args) -> None:
+    """Refuse, before anything is loaded, an output that is the input or that cannot be written."""
+    from .io import check_writable, same_file
+
+    if same_file(args.input, args.output):
+        raise FxlopError(f"the output {args.output} is the input: write to another file (the input is kept)")
+    check_writable(args.output, "output")
+
+
 def _expand(args) -> int:
     from .core import expand
+    from .io import save
     from .models import load_model
 
+    _check_output(args)
     gm = expand(load_model(args.input), expansion=args.expansion, pointwise_expansion=args.pointwise_expansion,
                 mode=args.mode, depth=args.depth,
                 include=args.include, exclude=args.exclude, seed=args.seed, max_params=args.max_params,
                 max_bytes=args.max_bytes, max_seconds=args.max_seconds, max_layer_params=args.max_layer_params)
     report = gm.meta["fxlop"]["expand"]
-    torch.save(gm, args.output)
+    save(gm, args.output)
     print(f"expanded {len(report['expanded'])} layers ({report['params_before']:,} -> {report['params_after']:,} "
           f"parameters), skipped {len(report['skipped'])}; saved {args.output}")
     for skipped in report["skipped"]:
@@ -178,14 +216,16 @@ def _fuse(args) -> int:
     from .passes.expanded import ExpandedLayer
 
     from .core import fuse, report
+    from .io import save
     from .models import load_model
 
+    _check_output(args)
     model = load_model(args.input)
     if not any(isinstance(m, ExpandedLayer) for m in model.modules()):
         raise FxlopError(f"{args.input} holds no expanded layer: fuse takes a model saved by fxlop expand")
     fused = fuse(model, fold_bn=args.fold_bn)
     done = report(fused)["fuse"]
-    torch.save(fused, args.output)
+    save(fused, args.output)
     print(f"fused {len(done['fused'])} layers ({done['params']:,} parameters); saved {args.output}")
     return 0
 
@@ -198,8 +238,12 @@ def _verify(args) -> int:
         shape = tuple(int(s) for s in args.input_shape.split(","))
     except ValueError:
         raise FxlopError(f"--input-shape takes comma-separated integers such as 2,3,32,32, got {args.input_shape!r}")
-    if any(s < 0 for s in shape):
-        raise FxlopError(f"--input-shape takes non-negative sizes, got {args.input_shape!r}")
+    if not shape or any(s < 1 for s in shape):
+        raise FxlopError(f"--input-shape takes positive sizes (non-negative sizes and no zero: a batch of at least "
+                         f"one input), got {args.input_shape!r}")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise FxlopError(f"--input-shape {args.input_shape} holds {math.prod(shape):,} elements, over the "
+                         f"{MAX_INPUT_ELEMENTS:,} verify draws at most: a batch of a few inputs is enough")
     reference, candidate = load_model(args.reference), load_model(args.candidate)
     floats = [t.dtype for t in (*reference.parameters(), *reference.buffers()) if t.is_floating_point()]
     dtype = floats[0] if floats else torch.get_default_dtype()

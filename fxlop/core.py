@@ -109,14 +109,27 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
     if not trace:
         return passes.expand_modules(model, **options)
     gm = model if isinstance(model, fx.GraphModule) else passes.trace(model, leaf_modules=leaf_modules)
-    return passes.batch_compositions(passes.expand(gm, **options), inplace=True)
+    return _keep_report(passes.batch_compositions(passes.expand(gm, **options), inplace=True), report(gm))
 
 
 def report(model: nn.Module) -> dict:
-    """What :func:`expand`, :func:`fuse` and BatchNorm folding did to ``model`` (empty if nothing)."""
-    if isinstance(model, fx.GraphModule):
-        return model.meta.get("fxlop", {})
+    """What :func:`expand`, :func:`fuse` and BatchNorm folding did to ``model`` (empty if nothing).
+
+    The report survives ``torch.save``/``torch.load`` of the model (and pickling): a GraphModule's
+    ``meta`` does not, so it is also kept in the model's ``fxlop_report`` attribute.
+    """
+    if isinstance(model, fx.GraphModule) and model.meta.get("fxlop"):
+        return model.meta["fxlop"]
     return getattr(model, "fxlop_report", {})
+
+
+def _keep_report(gm: fx.GraphModule, earlier: dict) -> fx.GraphModule:
+    """``gm``'s report with the sections of ``earlier`` it lacks (a loaded model's ``meta`` is empty), in
+    ``meta["fxlop"]`` and, the same dict, in the ``fxlop_report`` attribute, which pickling keeps."""
+    merged = {**earlier, **gm.meta.get("fxlop", {})}
+    gm.meta["fxlop"] = merged
+    gm.fxlop_report = merged
+    return gm
 
 
 def fuse(gm: nn.Module, *, fold_bn: bool = False, example_inputs=None) -> nn.Module:
@@ -142,7 +155,7 @@ def fuse(gm: nn.Module, *, fold_bn: bool = False, example_inputs=None) -> nn.Mod
             raise passes.FxlopError("fold_bn needs a traced model: fuse a GraphModule (fxlop.expand with trace=True)")
         return _fuse_modules(gm)
     fused = passes.fuse(gm)
-    return passes.fold_batchnorm(fused, example_inputs) if fold_bn else fused
+    return _keep_report(passes.fold_batchnorm(fused, example_inputs) if fold_bn else fused, report(gm))
 
 
 def _fuse_modules(model: nn.Module) -> nn.Module:

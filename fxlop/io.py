@@ -53,9 +53,39 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 
 
 def save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    """``torch.save(obj, path)`` through :func:`atomic_write`.
+
+    Raises:
+        OSError: the write failed (a full disk: ``ENOSPC``); ``path`` is untouched.  torch's writer
+            turns the OSError of a failed write into a RuntimeError without its reason; the OSError is
+            raised instead.
+    """
     with atomic_write(path) as handle:
-        torch.save(obj, handle)
+        recording = _Recording(handle)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError as error:
+            if recording.error is not None:
+                raise recording.error from error
+            raise
+
+
+class _Recording:
+    """A file object that keeps the first OSError its ``write`` raised."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

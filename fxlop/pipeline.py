@@ -5,6 +5,9 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,9 +24,10 @@ from . import data as datasets
 from . import models
 from .core import expand, fuse
 from .errors import FxlopError
+from .io import check_directory_writable, check_writable, save
 from .prune import IMPORTANCES, prune_steps
 from .reporting import plot_curves, table, write_json
-from .train import TrainConfig, evaluate, finetune, init_distributed, setting
+from .train import TrainConfig, check_device, evaluate, finetune, init_distributed, setting
 from .verify import verify
 
 METHODS = ("auto", "vanilla", "sp", "lop", "lop_sp")
@@ -154,13 +158,48 @@ class RunSettings:
             kind = "1-D signals" if self.dataset in datasets.SIGNAL_DATASETS else "images"
             problems.append(f"dataset {self.dataset!r} holds {kind}; model {self.model_name!r} does not take them "
                             f"(1-D models: {', '.join(models.SIGNAL_MODELS)})")
-        for check in (self.train.check, self.expand.check, lambda: resolve_device(self.device)):
+        for check in (self.train.check, self.expand.check, lambda: resolve_device(self.device), self._check_paths):
             try:
                 check()
             except FxlopError as error:
                 problems.append(str(error))
         if problems:
             raise FxlopError("; ".join(problems))
+
+
+    def _check_paths(self) -> None:
+        """The paths a run reads and writes, checked before any work: --weights a file, --out a directory
+        that a run may replace (missing, empty, or holding only a run's files) and can be written, --json
+        a writable file outside --out."""
+        if self.weights is not None:
+            weights = Path(self.weights)
+            if weights.is_dir():
+                raise FxlopError(f"--weights {weights} is a directory, not a model file saved by torch.save")
+            if not weights.is_file():
+                raise FxlopError(f"--weights {weights} does not exist")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise FxlopError(f"--out {out} is a file, not a directory")
+        if out.is_dir():
+            foreign = [p.name for p in out.iterdir() if not _is_run_file(p)]
+            if foreign:
+                raise FxlopError(f"--out {out} holds files a run does not write ({', '.join(sorted(foreign)[:5])}): a "
+                                 f"run replaces its --out directory as a whole, so give it a new or a run's directory")
+        check_directory_writable(out.parent, "--out", shown=out)
+        if self.json is not None:
+            check_writable(self.json, "--json")
+            if out.resolve() in Path(self.json).resolve().parents:
+                raise FxlopError(f"--json {self.json} is inside --out {out}, which the run replaces: the report is "
+                                 f"in {out / 'report.json'} anyway")
+
+
+def _is_run_file(path: Path) -> bool:
+    """A file ``fxlop run`` writes into its --out directory."""
+    return path.is_file() and (path.name in RUN_FILES or path.suffix == ".jsonl")
+
+
+#: the files of a run's --out directory besides the per-method ``*.jsonl`` logs
+RUN_FILES = ("model.pt", "report.json", "curves.png")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -175,7 +214,7 @@ def resolve_device(device: str | None) -> torch.device:
         raise FxlopError(f"--device {device}: CUDA is not available on this machine")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise FxlopError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
-    return resolved
+    return check_device(resolved, "--device")
 
 
 def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> dict:
@@ -190,13 +229,44 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     against the trained expanded model.
     """
     settings.check()
-    began = time.perf_counter()
     rank, world = init_distributed()
     main = rank == 0
+    final = Path(settings.out)
+    if not main:
+        return _run(settings, final, rank, world, progress, echo)
+    # everything is written into a fresh staging directory next to --out, which replaces --out only
+    # once the run is complete; a run that fails or is interrupted leaves it as <out>.incomplete
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-"))
+    try:
+        report = _run(settings, final, rank, world, progress, echo, staging=staging)
+    except BaseException:
+        incomplete = final.with_name(final.name + ".incomplete")
+        shutil.rmtree(incomplete, ignore_errors=True)
+        os.replace(staging, incomplete)
+        raise
+    _replace_directory(staging, final)
+    return report
+
+
+def _replace_directory(staging: Path, final: Path) -> None:
+    """Put the complete ``staging`` directory at ``final``; an old ``final`` is removed only after."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(final.with_name(final.name + ".incomplete"), ignore_errors=True)
+
+
+def _run(settings: RunSettings, final: Path, rank: int, world: int, progress, echo, staging: Path | None = None):
+    """The job of :func:`run`; rank 0 writes into ``staging``, the report names ``final``."""
+    began = time.perf_counter()
+    main = rank == 0
     say = echo if main else (lambda *a, **k: None)
-    out = Path(settings.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    out = staging if staging is not None else final
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
 
@@ -218,6 +288,7 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     if settings.weights:
         dense = models.load_model(settings.weights, arch=settings.model_name, num_classes=bundle.num_classes,
                                   in_channels=in_channels)
+        _check_weights(dense, settings, bundle, example)
     else:
         torch.manual_seed(settings.seed)
         dense = models.build_model(settings.model_name, num_classes=bundle.num_classes, in_channels=in_channels)
@@ -258,7 +329,7 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
                        "methods": {m: {"val_accuracy": r["val_accuracy"], "accuracy": r["accuracy"]}
                                    for m, r in results.items()}})
     if main:
-        torch.save(deployed, out / "model.pt")
+        save(deployed, out / "model.pt")
     for result in results.values():
         result.pop("deployed", None)
     params_deployed, macs_deployed = _count(deployed, example)
@@ -281,7 +352,7 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
         "unpruned_layers": pruned.unpruned,
         "methods": results,
         "dense_history": dense_history,
-        "model_path": str(out / "model.pt"),
+        "model_path": str(final / "model.pt"),
         "wall_time_s": time.perf_counter() - began,
     }
     if main:
@@ -293,9 +364,43 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
                     title=f"{settings.model_name} on {bundle.name}, {settings.ratio:.0%} pruned")
         say("")
         say(summary_table(report))
-        say(f"\nsaved {out / 'model.pt'} ({chosen}), {out / 'report.json'}, {out / 'curves.png'} "
+        say(f"\nsaved {final / 'model.pt'} ({chosen}), {final / 'report.json'}, {final / 'curves.png'} "
             f"({report['wall_time_s']:.0f} s)")
     return report
+
+
+def _check_weights(dense: nn.Module, settings: RunSettings, bundle, example: torch.Tensor) -> None:
+    """Refuse a --weights model that is not a dense model of --model for this data, before any work:
+    an expanded model (fuse it first), another architecture than --model (a whole module would
+    otherwise override it silently), or a model that fails on the data or has the wrong output width."""
+    from .passes.expanded import ExpandedLayer
+
+    expanded = [n for n, m in dense.named_modules() if isinstance(m, ExpandedLayer)]
+    if expanded:
+        raise FxlopError(f"--weights {settings.weights} holds an expanded model ({len(expanded)} expanded layers, "
+                         f"e.g. {expanded[0]}): pass the dense model, or fuse it first (fxlop fuse)")
+    with torch.device("meta"):
+        reference = models.build_model(settings.model_name, num_classes=bundle.num_classes,
+                                       in_channels=bundle.input_shape[0])
+    same_keys = set(dense.state_dict()) == set(reference.state_dict())
+    if not same_keys or not (isinstance(dense, torch.fx.GraphModule) or type(dense) is type(reference)):
+        flag = "--model" if settings.model else f"--model (default {settings.model_name})"
+        raise FxlopError(f"--weights {settings.weights} holds a {type(dense).__name__}, not a {settings.model_name} "
+                         f"({type(reference).__name__}): pass the {flag} it is"
+                         + ("" if same_keys else " (its parameter names differ)"))
+    try:
+        with torch.no_grad():
+            was_training = dense.training
+            outputs = dense.eval()(example[:2].cpu())
+            dense.train(was_training)
+    except Exception as error:  # a model can fail in any way on inputs it does not take
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FxlopError(f"--weights {settings.weights} does not take {bundle.name}'s inputs of shape "
+                         f"{tuple(bundle.input_shape)}: {type(error).__name__}: {detail[:300]}") from None
+    if not (isinstance(outputs, torch.Tensor) and outputs.dim() == 2 and outputs.shape[1] == bundle.num_classes):
+        shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise FxlopError(f"--weights {settings.weights} gives outputs of shape {shape} for {bundle.name}, which has "
+                         f"{bundle.num_classes} classes: expected (batch, {bundle.num_classes})")
 
 
 def _check_taps(model: nn.Module, taps: list[str] | None) -> None:

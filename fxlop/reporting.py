@@ -6,6 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from .io import atomic_write, write_text
+
 
 def table(rows: Sequence[Sequence], headers: Sequence[str], markdown: bool = False) -> str:
     """A fixed-width text table (or a GitHub markdown table) of already formatted cells."""
@@ -21,12 +23,10 @@ def table(rows: Sequence[Sequence], headers: Sequence[str], markdown: bool = Fal
 
 
 def write_json(path: str | os.PathLike, payload) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
-    os.replace(temporary, path)
+    """Write JSON through :func:`fxlop.io.atomic_write`, so a reader never sees half a report and a
+    failed write leaves the previous file."""
+    text = json.dumps(payload, indent=2, default=_jsonable) + "\n"  # serialized before the file is touched
+    write_text(path, text)
 
 
 def _jsonable(value):
@@ -64,6 +64,8 @@ def plot_curves(path: str | os.PathLike, histories: dict[str, list[dict]], *, de
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        with atomic_write(path) as handle:
+            figure.savefig(handle, format="png", dpi=110)
+    finally:
+        plt.close(figure)

@@ -446,3 +446,13 @@ def test_unwritable_training_outputs_are_refused_before_training(option):
     with pytest.raises(fxlop.FxlopError, match=f"{option} /proc/fxlop-x/x.pt cannot be written"):
         fxlop.finetune(model, [_pairs()], epochs=1, lr=0.1, **{option: "/proc/fxlop-x/x.pt"})
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_report_survives_save_and_load(tmp_path, trace):
+    gm = fxlop.expand(_small(), trace=trace)
+    torch.save(gm, tmp_path / "expanded.pt")
+    loaded = torch.load(tmp_path / "expanded.pt", weights_only=False)
+    assert fxlop.report(loaded)["expand"]["expanded"] == fxlop.report(gm)["expand"]["expanded"]
+    fused = fxlop.fuse(loaded)
+    assert {"expand", "fuse"} <= set(fxlop.report(fused))
