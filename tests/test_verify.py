@@ -141,7 +141,9 @@ def test_matching_nonfinite_values_pass_and_the_tolerance_comes_from_the_finite_
 
 def test_all_nonfinite_reference():
     reference = torch.tensor([INF, NAN])
-    assert _verify(reference, reference.clone()) == 0.0
+    # matching NaN/inf patterns agree, but with no finite element nothing was compared (issue 26)
+    with pytest.raises(fxlop.EquivalenceError, match="nothing to compare"):
+        _verify(reference, reference.clone())
     with pytest.raises(fxlop.EquivalenceError, match="NaN/inf"):
         _verify(reference, torch.tensor([INF, 0.0]))
 
@@ -200,3 +202,163 @@ def test_bad_tolerances_are_clear_errors(bad):
 def test_relative_error_needs_equal_shapes():
     with pytest.raises(fxlop.EquivalenceError, match=r"shape \(2, 1\) with one of shape \(2,\)"):
         relative_error(torch.ones(2, 1), torch.ones(2))
+
+
+# --- issue 26: inputs are copied, nothing empty or non-finite counts as agreement, meta is refused
+
+
+def test_each_model_gets_its_own_copy_of_the_inputs():
+    x = torch.randn(4, 3)
+    before = x.clone()
+    # an in-place ReLU wrote into the caller's x, which the Identity then returned: "equivalent", 0.0
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[\d+, \d+\]"):
+        fxlop.verify(nn.Sequential(nn.ReLU(inplace=True)), nn.Sequential(nn.Identity()), x)
+    assert torch.equal(x, before)
+
+    class Nested(nn.Module):
+        def forward(self, inputs):
+            inputs["xs"][0].relu_()
+            return inputs["xs"][0] + inputs["xs"][1]
+
+    nested = {"xs": [x, x]}  # one tensor twice: each model's copy keeps it one tensor
+    assert fxlop.verify(Nested(), Nested(), (nested,)) == 0.0
+    assert nested["xs"][0] is x and torch.equal(x, before)
+
+
+def test_all_nan_outputs_of_different_models_are_not_agreement():
+    torch.manual_seed(0)
+    x = torch.full((2, 3), float("nan"))
+    reference, candidate = nn.Sequential(nn.Linear(3, 2)), nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(fxlop.EquivalenceError, match="nothing to compare"):
+        fxlop.verify(reference, candidate, x)  # was 0.0
+    with pytest.raises(fxlop.EquivalenceError, match="nothing to compare"):
+        fxlop.verify(reference, candidate, x, layers=False)
+
+
+def test_a_zero_size_batch_is_not_agreement():
+    torch.manual_seed(0)
+    with pytest.raises(fxlop.EquivalenceError, match="nothing to compare.*empty"):
+        fxlop.verify(nn.Sequential(nn.Linear(3, 2)), nn.Sequential(nn.Linear(3, 2)), torch.randn(0, 3))
+
+
+def test_an_atol_covering_an_all_zero_reference_is_not_agreement():
+    with pytest.raises(fxlop.EquivalenceError, match="nothing to compare.*all zero"):
+        _verify(torch.zeros(3), torch.full((3,), 1e-4), atol=1e-3)  # was inf, as a pass
+    # beside something that does compare, an all-zero output must still agree within atol
+    assert _verify((torch.zeros(3), torch.ones(2)), (torch.full((3,), 1e-4), torch.ones(2)), atol=1e-3) == 0.0
+    with pytest.raises(fxlop.EquivalenceError, match=r"output\[0\]\[0\]"):
+        _verify((torch.zeros(3), torch.ones(2)), (torch.full((3,), 1e-2), torch.ones(2)), atol=1e-3)
+
+
+def test_meta_device_models_are_refused_before_anything_runs():
+    calls = []
+
+    class Counting(nn.Linear):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    with torch.device("meta"):
+        on_meta = nn.Linear(3, 2)
+    for reference, candidate in ((on_meta, Counting(3, 2)), (Counting(3, 2), on_meta)):
+        with pytest.raises(fxlop.FxlopError, match=r"parameter 'weight' is on the meta device") as refused:
+            fxlop.verify(reference, candidate, torch.randn(2, 3))
+        assert not isinstance(refused.value, NotImplementedError)
+    with pytest.raises(fxlop.FxlopError, match="example_inputs hold a tensor on the meta device"):
+        fxlop.verify(Counting(3, 2), Counting(3, 2), torch.empty(2, 3, device="meta"))
+    assert not calls
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_layers_option_is_checked_first(bad):
+    with pytest.raises(fxlop.FxlopError, match="layers must be True or False"):
+        _verify(torch.ones(2), torch.ones(2), layers=bad)
+
+
+# --- issue 25: layers are compared where they are continuous, before selection can hide them
+
+
+class Selects(nn.Module):
+    """A linear layer, then only a selection of its scores leaves the model (as in a detector)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.fc = nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor(weight).reshape(2, 1))
+
+    def forward(self, x):
+        scores = self.fc(x)
+        return scores.argsort(dim=1), scores > 1e6
+
+
+def test_a_wrong_layer_that_selection_hides_fails_naming_it():
+    x = torch.ones(3, 1)
+    reference, candidate = Selects([1.0, 2.0]), Selects([1.0, 3.0])  # same order, same threshold result
+    with pytest.raises(fxlop.EquivalenceError, match=r"^the models diverge at layer 'fc': its output\[\d, 1\]: "
+                                                     r"expected 2, got 3.*it is the first compared module$"):
+        fxlop.verify(reference, candidate, x)
+    assert fxlop.verify(reference, candidate, x, layers=False) == 0.0  # what the outputs alone say
+
+
+def test_exact_layers_pass_when_selection_reorders_the_outputs():
+    x = torch.ones(3, 1)
+    # scores 1 and 1 + 1e-7 swap places: a difference in the seventh digit reorders the output
+    reference, candidate = Selects([1.0 + 1.2e-7, 1.0]), Selects([1.0, 1.0 + 1.2e-7])
+    with pytest.raises(fxlop.EquivalenceError, match=r"torch.int64 outputs differ"):
+        fxlop.verify(reference, candidate, x, layers=False)
+    with pytest.warns(UserWarning, match=r"every compared module agreed.*select or reorder"):
+        assert 0 < fxlop.verify(reference, candidate, x) < 1e-5
+
+
+def test_a_difference_outside_the_layers_names_the_module_that_contains_it():
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2))
+    candidate = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Identity()), nn.Linear(4, 2))
+    candidate.load_state_dict(reference.state_dict())
+    with pytest.raises(fxlop.EquivalenceError, match=r"^the models diverge at module '0': .*\(last: '0.0'\)$"):
+        fxlop.verify(reference, candidate, torch.randn(8, 4))
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.block(self.conv(x).relu())
+        return self.fc(y.mean((2, 3))).topk(2).indices
+
+
+def _scale_factor(model, name):
+    with torch.no_grad():
+        model.get_submodule(name).factors[0].mul_(1.5)
+
+
+@pytest.mark.parametrize("path", ["eager", "graph", "export"])
+def test_expanded_layers_are_compared_on_every_path(path):
+    torch.manual_seed(0)
+    model, x = SmallCNN().eval(), torch.randn(2, 3, 8, 8)
+    if path == "export":
+        expanded = fxlop.expand(torch.export.export(model, (x,)), expansion=2)
+        layer = "block.0.weight"
+    else:
+        expanded = fxlop.expand(model, trace=path == "graph", expansion=2)
+        layer = "block.0"
+    assert fxlop.verify(model, expanded, x) < 1e-5
+    _scale_factor(expanded, layer)
+    with pytest.raises(fxlop.EquivalenceError, match=r"^the models diverge at layer 'block.0': .*\(last: 'conv'\)$"):
+        fxlop.verify(model, expanded, x)
+    fused = fxlop.fuse(expanded)
+    assert fxlop.verify(expanded, fused, x) < 1e-5
+    with pytest.raises(fxlop.EquivalenceError, match=r"^the models diverge at layer 'block.0'"):
+        fxlop.verify(model, fused, x)
+
+
+def test_one_model_against_itself_and_a_failing_reference():
+    model, x = SmallCNN().eval(), torch.randn(2, 3, 8, 8)
+    assert fxlop.verify(model, model, x) == 0.0
+    with pytest.raises(fxlop.FxlopError, match="the reference model .* fails on example_inputs"):
+        fxlop.verify(model, model, torch.randn(2, 5, 8, 8))
