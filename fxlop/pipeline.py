@@ -24,7 +24,7 @@ from . import data as datasets
 from . import models
 from .core import expand, fuse
 from .errors import FxlopError
-from .io import check_directory_writable, check_writable, save
+from .io import check_directory_writable, check_writable, same_file, save
 from .prune import IMPORTANCES, prune_steps
 from .reporting import plot_curves, table, write_json
 from .train import TrainConfig, check_device, evaluate, finetune, init_distributed, setting
@@ -186,6 +186,11 @@ class RunSettings:
                 raise FxlopError(f"--out {out} holds files a run does not write ({', '.join(sorted(foreign)[:5])}): a "
                                  f"run replaces its --out directory as a whole, so give it a new or a run's directory")
         check_directory_writable(out.parent, "--out", shown=out)
+        if self.weights is not None and out.resolve() in Path(self.weights).resolve().parents:
+            raise FxlopError(f"--weights {self.weights} is inside --out {out}, which the run replaces as a whole: "
+                             f"copy it elsewhere, or give the run another --out")
+        if self.json is not None and self.weights is not None and same_file(self.json, self.weights):
+            raise FxlopError(f"--json {self.json} is the --weights file: write the report to another file")
         if self.json is not None:
             check_writable(self.json, "--json")
             if out.resolve() in Path(self.json).resolve().parents:
@@ -227,6 +232,25 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     better.  The deployed model is saved (``model.pt``: the pruned architecture with the
     fine-tuned weights, loadable with plain ``torch.load``) only after :func:`fxlop.verify` passed
     against the trained expanded model.
+
+    Outputs: every file is written atomically (:mod:`fxlop.io`) into a fresh staging directory next to
+    ``settings.out``, which replaces ``settings.out`` as a whole once the run is complete, so a used
+    ``--out`` never mixes two runs.  A run that fails or is interrupted leaves its files in
+    ``<out>.incomplete`` and ``--out`` as it was.  ``--out`` must be missing, empty or a run's
+    directory (only ``model.pt``, ``report.json``, ``curves.png``, ``*.jsonl``).
+
+    Args:
+        settings: the run, validated by :meth:`RunSettings.check` before any work.
+        progress: progress bars (default: when stderr is a terminal).
+        echo: where the progress lines go.
+
+    Returns:
+        The report.
+
+    Raises:
+        FxlopError: a bad setting or path, a --weights model that is not a dense model of --model
+            for the data (before any work), or a failure of the job.
+        OSError: an output write failed (a full disk); ``--out`` is left as it was.
     """
     settings.check()
     rank, world = init_distributed()

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 import fxlop
-import fxlop.io
 from fxlop.cli import main
 
 
@@ -40,6 +39,8 @@ def _one_error_line(capsys, *needles):
 
 
 def test_atomic_write_failing_part_way_leaves_the_target(tmp_path):
+    import fxlop.io
+
     target = tmp_path / "out.pt"
     target.write_bytes(b"old")
     with pytest.raises(OSError, match="No space"):
@@ -74,7 +75,7 @@ def test_cli_write_failing_part_way_keeps_input_and_earlier_output(tmp_path, cap
     torch.save(fxlop.expand(_small()) if command == "fuse" else _small(), source)
     out.write_bytes(b"earlier output")
     before = source.read_bytes()
-    monkeypatch.setattr(fxlop.io.torch, "save", _torn_save)
+    monkeypatch.setattr(torch, "save", _torn_save)
     assert main([command, str(source), str(out)]) == 1
     _one_error_line(capsys, "No space left on device")
     assert source.read_bytes() == before and out.read_bytes() == b"earlier output"
@@ -180,7 +181,7 @@ def test_an_interrupted_run_leaves_the_earlier_run_whole(tmp_path, capsys, monke
 
     # a model.pt write that fails part-way (disk full) after all the training: the earlier run stays too
     monkeypatch.setattr(fxlop.pipeline, "_finetune_method", real)
-    monkeypatch.setattr(fxlop.io.torch, "save", _torn_save)
+    monkeypatch.setattr(torch, "save", _torn_save)
     capsys.readouterr()
     assert main([*RUN, "--out", str(out), "--seed", "2"]) == 1
     _one_error_line(capsys, "No space left on device")
@@ -221,6 +222,20 @@ def test_run_checks_whole_module_weights_before_any_work(tmp_path, capsys, no_wo
     }[case]()
     assert main([*RUN, "--out", str(tmp_path / "run"), "--weights", _save_weights(tmp_path, model)]) == 1
     _one_error_line(capsys, needle)
+
+
+def test_run_refuses_to_replace_its_own_input(tmp_path, capsys, no_work):
+    from fxlop.models import build_model
+
+    out = tmp_path / "run"
+    out.mkdir()
+    weights = _save_weights(out, build_model("resnet20", num_classes=10, in_channels=1), "model.pt")
+    before = (out / "model.pt").read_bytes()
+    assert main([*RUN, "--out", str(out), "--weights", weights]) == 1
+    _one_error_line(capsys, "is inside --out", "which the run replaces")
+    assert main([*RUN, "--out", str(tmp_path / "other"), "--weights", weights, "--json", weights]) == 1
+    _one_error_line(capsys, "is the --weights file")
+    assert (out / "model.pt").read_bytes() == before
 
 
 def test_run_weights_that_is_a_directory(tmp_path, capsys, no_work):
