@@ -265,9 +265,12 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     try:
         report = _run(settings, final, rank, world, progress, echo, staging=staging)
     except BaseException:
-        incomplete = final.with_name(final.name + ".incomplete")
-        shutil.rmtree(incomplete, ignore_errors=True)
-        os.replace(staging, incomplete)
+        if any(staging.iterdir()):  # what the run wrote, apart and marked; nothing written: nothing left
+            incomplete = final.with_name(final.name + ".incomplete")
+            shutil.rmtree(incomplete, ignore_errors=True)
+            os.replace(staging, incomplete)
+        else:
+            staging.rmdir()
         raise
     _replace_directory(staging, final)
     return report

@@ -269,8 +269,12 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
 
     With a ``DistributedSampler`` the counts are summed over ranks.  The model's train/eval
     flag is restored afterwards.
+
+    Raises:
+        FxlopError: ``device`` is not available, a batch is not ``(inputs, integer labels)`` or its
+            labels are outside the model's outputs, or the loader yields no samples.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = check_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count

@@ -243,6 +243,14 @@ def test_run_weights_that_is_a_directory(tmp_path, capsys, no_work):
     _one_error_line(capsys, "--weights", "is a directory")
 
 
+def test_a_run_that_fails_before_writing_leaves_nothing(tmp_path, capsys, no_work):
+    from fxlop.models import build_model
+
+    weights = _save_weights(tmp_path, build_model("vgg16", num_classes=10, in_channels=1))
+    assert main([*RUN, "--out", str(tmp_path / "run"), "--weights", weights]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.pt"]  # no staging, no .incomplete
+
+
 @contextlib.contextmanager
 def _small_tmpfs(tmp_path, size="256k"):
     """A tmpfs of ``size`` at a fresh mount point, or skip where mounting is not allowed (not root)."""

@@ -456,3 +456,12 @@ def test_report_survives_save_and_load(tmp_path, trace):
     assert fxlop.report(loaded)["expand"]["expanded"] == fxlop.report(gm)["expand"]["expanded"]
     fused = fxlop.fuse(loaded)
     assert {"expand", "fuse"} <= set(fxlop.report(fused))
+
+
+def test_evaluate_checks_device_and_batches():
+    with pytest.raises(fxlop.FxlopError, match="'gpu0' is not a device"):
+        fxlop.evaluate(_classifier(), [_pairs()], device="gpu0")
+    with pytest.raises(fxlop.FxlopError, match=r"evaluate, batch 1: labels range over \[0, 9\]"):
+        fxlop.evaluate(_classifier(), [_pairs(labels=torch.tensor([0, 9]))])
+    with pytest.raises(fxlop.FxlopError, match="a batch must be a pair"):
+        fxlop.evaluate(_classifier(), [torch.randn(2, 3, 5, 5)])
