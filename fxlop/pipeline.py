@@ -219,7 +219,7 @@ def resolve_device(device: str | None) -> torch.device:
         raise FxlopError(f"--device {device}: CUDA is not available on this machine")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise FxlopError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
-    return check_device(resolved, "--device")
+    return check_device(device, "--device")
 
 
 def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> dict:
