@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -63,16 +62,6 @@ def write(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown + "\n")
-
-
-def update_readme(name: str, markdown: str) -> None:
-    """Replace the README's block between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"README.md has no <!-- {name}:start --> ... <!-- {name}:end --> block")
-    readme.write_text(pattern.sub(lambda m: m.group(1) + markdown + "\n" + m.group(2), text))
 
 
 def fmt(stats: dict[str, float], digits: int = 2) -> str:

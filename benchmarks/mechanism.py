@@ -15,10 +15,11 @@ recovery benchmark (R = 0.8) and one real training batch:
 - the training-loss curves of plain fine-tuning and of LOP at several init scales and factor
   learning rates (same lr, seeds, schedule).
 
-    python benchmarks/mechanism.py [--update-readme]     # about 10 min on 2 cores
+    python benchmarks/mechanism.py                       # about 14 min on 2 cores
     python benchmarks/mechanism.py --quick               # seconds
 
-Writes benchmarks/results/mechanism.json, mechanism.md and mechanism.png.
+Writes benchmarks/results/mechanism.json, mechanism.md and mechanism.png, which the docs' mechanism
+page (docs/results/mechanism.md) includes.
 """
 from __future__ import annotations
 
@@ -220,7 +221,6 @@ def main(argv=None):
     parser.add_argument("--dense-epochs", type=int, default=30)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     name = "mechanism"
     if args.quick:
@@ -229,8 +229,6 @@ def main(argv=None):
     table = markdown(result)
     common.write(name, result, table)
     plot(result, common.RESULTS / f"{name}.png")
-    if args.update_readme:
-        common.update_readme("mechanism", table + f"\n\n![mechanism](benchmarks/results/{name}.png)")
     print(table)
     return result
 

@@ -10,7 +10,7 @@ split. The paper protocol runs every method again at one fixed rate (0.01), as p
 fine-tune, to show how much of a difference is a learning-rate effect. Runs go to worker processes
 of one thread each; every setting is checked before the first run.
 
-    python benchmarks/recovery.py --update-readme     # both datasets, about 80 min on 2 cores
+    python benchmarks/recovery.py                     # both datasets, about 80 min on 2 cores
     python benchmarks/recovery.py --study             # the lever study at R=0.8 (validation split)
     python benchmarks/recovery.py --rounds-study      # one prune -> fine-tune round against three, R=0.9
     python benchmarks/recovery.py --quick             # a smoke run (a minute)
@@ -18,7 +18,7 @@ of one thread each; every setting is checked before the first run.
         --dense-epochs 160 --budgets 20 80 --workers 1
 
 Writes benchmarks/results/recovery.json (every experiment with its settings), recovery.md (the
-tables the README shows) and recovery.png; the study and the rounds study write recovery_study.* and
+tables the docs' recovery page includes), recovery.png and recovery_time.png; the study and the rounds study write recovery_study.* and
 recovery_rounds.*.
 """
 from __future__ import annotations
@@ -370,12 +370,6 @@ def _seconds(row: dict, name: str) -> float:
     return row["methods"][name]["seconds_per_epoch"] * row["epochs"]
 
 
-def readme_markdown(combined: dict, name: str) -> str:
-    """The README's recovery block: the tables and both figures."""
-    return (grid_markdown(combined) + f"\n\n![recovery](benchmarks/results/{name}.png)\n\n"
-            f"![accuracy against wall time](benchmarks/results/{name}_time.png)")
-
-
 def time_plot(combined: dict, path: Path) -> None:
     """Test accuracy against the wall time of the fine-tuning, one panel per dataset and ratio, one line per
     method through its budgets."""
@@ -650,7 +644,6 @@ def main(argv=None):
                              "value and the largest budget, instead of the grid")
     parser.add_argument("--rounds", type=int, nargs="+", default=[3], help="round counts for --rounds-study")
     parser.add_argument("--name", default=None)
-    parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.ratios, args.budgets, args.seeds, args.sweep_seeds, args.lrs = [0.8], [1], 1, 1, [0.05, 0.1]
@@ -688,8 +681,6 @@ def main(argv=None):
     common.write(name, combined, table)
     grid_plot(combined, common.RESULTS / f"{name}.png")
     time_plot(combined, common.RESULTS / f"{name}_time.png")
-    if args.update_readme:
-        common.update_readme(name, readme_markdown(combined, name))
     print(table)
     return combined
 

@@ -321,7 +321,6 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny models, few repeats: checks the script runs")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--name", default=None, help="result file name (default speed, speed_cuda, speed_quick)")
-    parser.add_argument("--update-readme", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     repeats = 2 if args.quick else args.repeats
@@ -332,8 +331,6 @@ def main(argv=None):
     name = args.name or ("speed_quick" if args.quick else "speed" if device.type == "cpu" else "speed_cuda")
     table = markdown(result)
     common.write(name, result, table)
-    if args.update_readme:
-        common.update_readme(name, table)
     print(table)
     return result
 

@@ -15,7 +15,7 @@ must be exact there (fxlop.verify's fp64 tolerance, 1e-10).  Peak memory is the 
 resident set during the default round trip (the model included; the high-water mark is reset after
 pruning, see ``reset_peak_rss``); ``rss_before_expand`` is the peak before it, pruning included.
 
-    python benchmarks/zoo.py                 # all models, writes benchmarks/results/zoo.{json,md}
+    python benchmarks/zoo.py                 # all models, writes benchmarks/results/zoo.{json,md}, zoo_summary.md
     python benchmarks/zoo.py resnet18 vit_b_16
 """
 from __future__ import annotations
@@ -331,8 +331,8 @@ def markdown(rows: list[dict], machine: dict) -> str:
 
 
 def summary(rows: list[dict], machine: dict) -> str:
-    """The README's view: counts, the bound at default settings, and every model that did not
-    round-trip, or did with a caveat, and why."""
+    """The summary the docs' zoo page includes (zoo_summary.md): counts, the bound at default
+    settings, and every model that did not round-trip, or did with a caveat, and why."""
     ok = [r for r in rows if r.get("ok")]
     worst = max(ok, key=lambda r: max(r["expand_error"], r["fuse_error"]), default=None)
     worst_text = (f"; largest {max(worst['expand_error'], worst['fuse_error']):.1e} ({worst['model']}, whose own "
@@ -354,7 +354,7 @@ def summary(rows: list[dict], machine: dict) -> str:
              f"perturb every factor, fuse, verify; identical state_dict keys and shapes; fp32 relative error at "
              f"most 1e-5 or four times the model's own fp32 error against float64{worst_text}, or, where deep "
              f"networks round more, exact in float64. {sum(bool(r.get('pruned')) for r in ok)} of them were "
-             f"pruned.{bound_text} Full table: [benchmarks/results/zoo.md](benchmarks/results/zoo.md) "
+             f"pruned.{bound_text} Full table: [below](#full-table) "
              f"({machine['date']}).", "",
              "| not round-tripped, refused at default settings, or with a caveat | why |", "|---|---|"]
     for r in rows:
@@ -397,14 +397,12 @@ def main(argv=None):
     parser.add_argument("--prune-timeout", type=int, default=120,
                         help="seconds torch-pruning may take before the model is used dense")
     parser.add_argument("--resume", type=Path, help="reuse the rows of an earlier run's output (JSON lines)")
-    parser.add_argument("--update-readme", action="store_true")
-    parser.add_argument("--render", action="store_true", help="only re-render zoo.md (and the README) from zoo.json")
+    parser.add_argument("--render", action="store_true", help="only re-render zoo.md and zoo_summary.md from zoo.json")
     args = parser.parse_args(argv)
     if args.render:
         result = json.loads((common.RESULTS / "zoo.json").read_text())
         common.write("zoo", result, markdown(result["rows"], result["machine"]))
-        if args.update_readme:
-            common.update_readme("zoo", summary(result["rows"], result["machine"]))
+        (common.RESULTS / "zoo_summary.md").write_text(summary(result["rows"], result["machine"]) + "\n")
         return result
     if args.one:
         try:
@@ -439,8 +437,8 @@ def main(argv=None):
     result = {"machine": common.machine(), "rows": rows}
     table = markdown(rows, result["machine"])
     common.write("zoo" if not args.models else "zoo_partial", result, table)
-    if args.update_readme:
-        common.update_readme("zoo", summary(rows, result["machine"]))
+    if not args.models:
+        (common.RESULTS / "zoo_summary.md").write_text(summary(rows, result["machine"]) + "\n")
     print(table)
 
 

@@ -1,4 +1,4 @@
-"""The benchmarks reproduce from one command, and the README shows exactly what their JSON holds."""
+"""The benchmarks reproduce from one command, and the docs' results pages show exactly what their JSON holds."""
 import dataclasses
 import json
 import re
@@ -17,30 +17,33 @@ import speed  # noqa: E402
 import zoo  # noqa: E402
 
 
-def _readme_block(name: str) -> str:
-    text = (common.ROOT / "README.md").read_text()
-    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", text, re.S)
-    assert match, f"README.md has no {name} block"
-    return match.group(1)
+def _shown(page: str, name: str) -> str:
+    """The table ``docs/results/<page>.md`` includes (pymdownx.snippets: ``--8<-- "<name>"``, from
+    benchmarks/results/)."""
+    text = (common.ROOT / "docs" / "results" / f"{page}.md").read_text()
+    assert re.search(rf'^--8<-- "{re.escape(name)}"$', text, re.M), f"docs/results/{page}.md does not include {name}"
+    return (common.RESULTS / name).read_text()
 
 
 def _results(name: str) -> dict:
     return json.loads((common.RESULTS / f"{name}.json").read_text())
 
 
-def test_readme_recovery_table_is_the_json():
-    assert _readme_block("recovery") == recovery.readme_markdown(_results("recovery"), "recovery") + "\n"
+def test_docs_recovery_table_is_the_json():
+    assert _shown("recovery", "recovery.md") == recovery.grid_markdown(_results("recovery")) + "\n"
+    page = (common.ROOT / "docs" / "results" / "recovery.md").read_text()
     for figure in ("recovery.png", "recovery_time.png"):
-        assert (common.RESULTS / figure).stat().st_size > 0
+        assert (common.RESULTS / figure).stat().st_size > 0 and f"figures/{figure})" in page
 
 
-def test_readme_speed_table_is_the_json():
-    assert _readme_block("speed") == speed.markdown(_results("speed")) + "\n"
+def test_docs_speed_table_is_the_json():
+    assert _shown("speed", "speed.md") == speed.markdown(_results("speed")) + "\n"
 
 
-def test_readme_zoo_summary_is_the_json():
+def test_docs_zoo_summary_is_the_json():
     result = _results("zoo")
-    assert _readme_block("zoo") == zoo.summary(result["rows"], result["machine"]) + "\n"
+    assert _shown("zoo", "zoo_summary.md") == zoo.summary(result["rows"], result["machine"]) + "\n"
+    assert _shown("zoo", "zoo.md") == zoo.markdown(result["rows"], result["machine"]) + "\n"
 
 
 @pytest.fixture
