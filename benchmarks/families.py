@@ -16,10 +16,12 @@ expanded model, the seconds the path took, and the first line of any error.
 
     python benchmarks/families.py            # writes benchmarks/results/zoo_families.{json,md}
     python benchmarks/families.py retinanet ssdlite
+    python benchmarks/families.py --merge PART1 PART2   # join runs of parts (each under ~3 minutes)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -301,7 +303,9 @@ def measure_path(name: str, path: str) -> dict:
     except Exception as error:
         row.update(expanded=0, expand_error=_first_line(error), seconds=time.perf_counter() - start)
         return row
-    row["expanded"] = len(fxlop.report(expanded).get("expand", {}).get("expanded", []))
+    report = fxlop.report(expanded).get("expand", {})
+    row["expanded"] = len(report.get("expanded", []))
+    row["left_dense"] = {s["name"]: s["reason"] for s in report.get("skipped", [])}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -326,11 +330,16 @@ def measure(name: str, paths=PATHS) -> dict:
     return {"model": name, "family": FAMILIES[name][0], "paths": {path: measure_path(name, path) for path in paths}}
 
 
+def _text(error: str, limit: int = 120) -> str:
+    error = error.replace("|", "\\|")
+    return error if len(error) <= limit else error[: limit - 3] + "..."
+
+
 def _cell(r: dict) -> str:
     if r.get("expanded", 0) == 0 and "expand_error" in r:
-        return f"- | {r['expand_error']} | - | {r['seconds']:.1f}"
-    expand = f"{r['expand_rel']:.1e}" if "expand_rel" in r else r.get("expand_error", "-")
-    fuse = f"{r['fuse_rel']:.1e}" if "fuse_rel" in r else r.get("fuse_error", "-")
+        return f"- | {_text(r['expand_error'])} | - | {r['seconds']:.1f}"
+    expand = f"{r['expand_rel']:.1e}" if "expand_rel" in r else _text(r.get("expand_error", "-"))
+    fuse = f"{r['fuse_rel']:.1e}" if "fuse_rel" in r else _text(r.get("fuse_error", "-"))
     if r.get("selection_warning"):
         expand += " (final outputs reordered by selection)"
     return f"{r['expanded']} / {r['expandable']} | {expand} | {fuse} | {r['seconds']:.1f}"
@@ -355,7 +364,15 @@ def main(argv=None) -> dict:
     parser.add_argument("models", nargs="*", help="default: all of " + ", ".join(FAMILIES))
     parser.add_argument("--paths", nargs="*", default=list(PATHS), choices=PATHS)
     parser.add_argument("--name", default="zoo_families")
+    parser.add_argument("--merge", nargs="+", metavar="PART",
+                        help="only join the rows of earlier runs' results/PART.json (in their order) into --name")
     args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads((common.RESULTS / f"{part}.json").read_text()) for part in args.merge]
+        result = {"rows": [row for part in parts for row in part["rows"]], "machine": parts[0]["machine"],
+                  "expansion": EXPANSION}
+        common.write(args.name, result, markdown(result))
+        return result
     chosen = [m for m in FAMILIES if not args.models or any(a in m for a in args.models)]
     rows = []
     for name in chosen:
