@@ -32,7 +32,7 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
     original weight: orthonormal outer factors, the middle one solved exactly in float64.  Hidden
     widths are ``expansion`` times the layer's for layers with a spatial kernel and
     ``pointwise_expansion`` (1) times for 1x1 convs and linears, whose middle factor would otherwise
-    grow as the square of it (see the README's speed table).  Modules
+    grow as the square of it (see docs/results/speed.md).  Modules
     called at several places stay shared; tied weights (one parameter under two names, such as GPT-2's
     ``lm_head`` and its token embedding) stay as they are.  The factors are created on the device and
     in the dtype of each weight.  One driver decides, for both ways of expanding (a graph, or

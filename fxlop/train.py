@@ -57,7 +57,7 @@ class TrainConfig:
     preconditioner (:func:`passes.dynamics.factor_gains`), so that the update of the product no
     longer depends on the arbitrary scale of the layer's weight.  The factors train at half the
     base rate by default: a chain of factors moves its product faster than one weight at the same
-    rate (README, "How LOP changes the optimizer").
+    rate (docs/theory.md, "How LOP changes the optimizer").
     ``gamma`` weighs the SP loss over ``taps`` (names or globs, default every conv/linear layer),
     averaged (or summed) over taps by ``tap_reduction``.  ``sp_weighting="relative"`` makes
     ``gamma`` a ratio: the SP term is scaled once, on the first training batch, to ``gamma`` times

@@ -4,7 +4,7 @@ In an ``online`` graph each expanded layer composes its kernel from its factors 
 matmuls before its conv runs.  A ResNet-56 pruned 50 % has 55 expanded layers in 9 factor shapes, and
 on a CPU composing them one at a time is mostly per-op overhead (autograd included) on small
 matrices: 33.9 ms of forward and backward per training step, 20.4 ms with the layers of each shape
-composed together (2 threads; the speed table in the README).
+composed together (2 threads; the speed table in docs/results/speed.md).
 
 :func:`batch_compositions` puts one :class:`~passes.expanded.BatchComposer` call before the first of
 each set of layers whose factors have the same shapes, dtype and device, and hands each layer's

@@ -113,8 +113,8 @@ SECONDS_MARGIN = 1.5
 #: width multiplier of layers without a spatial kernel (1x1 convs, linears, products) unless told
 #: otherwise.  Their middle factor is itself a matrix of ``r^2`` times the weight's entries, so at
 #: ``r = 4`` they held 93-98 % of the factors of a MobileNetV2 and a ViT and most of the composition
-#: time, while LOP's first-order update does not depend on the widths at all (README, "How LOP
-#: changes the optimizer"; the recovery grid's ``lop_r1`` measures the rest).
+#: time, while LOP's first-order update does not depend on the widths at all (docs/theory.md,
+#: "How LOP changes the optimizer"; the recovery grid's ``lop_r1`` measures the rest).
 POINTWISE_EXPANSION = 1.0
 
 
