@@ -138,7 +138,8 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs, *, rtol: 
     Layers (``layers=True``): the same test applies, call by call, to the output of every
     conv/linear layer that both models have under one qualified name (an expanded layer of either,
     as a module or as a subgraph of a traced or ``torch.export`` graph) and of every module of both
-    that contains one.  The models run in lockstep; each such output of the candidate is compared
+    that contains one (a layer that BatchNorm was folded into, which computes both, is not one).  The
+    models run in lockstep; each such output of the candidate is compared
     with the reference's and then replaced by it, so the first module that differs is named, and
     ops downstream that select or reorder (NMS, top-k, sorting, score thresholds) can neither hide a
     wrong layer nor make an exact one fail.  The final outputs are compared twice: in that run (any
@@ -460,7 +461,9 @@ class _Plan:
 
     def __init__(self, reference: nn.Module, candidate: nn.Module):
         self.sides = (_Side(reference), _Side(candidate))
-        shared = self.sides[0].layer_keys & self.sides[1].layer_keys
+        # a layer BatchNorm was folded into computes conv + BatchNorm under the conv's name: not compared
+        folded = {_layer_key(pair["name"]) for model in (reference, candidate) for pair in _folded(model)}
+        shared = (self.sides[0].layer_keys & self.sides[1].layer_keys) - folded
         containers = set()
         for name in set(self.sides[0].modules) & set(self.sides[1].modules):
             if name and name not in shared and any(layer.startswith(name + ".") for layer in shared):
@@ -468,6 +471,13 @@ class _Plan:
         self.names = shared | containers
         self.layers = shared
         self.containers = containers
+
+
+def _folded(model: nn.Module) -> list[dict]:
+    """The ``{"name", "batchnorm"}`` pairs ``fxlop.fuse(fold_bn=True)`` folded in ``model`` (its report)."""
+    report = model.meta.get("fxlop", {}) if isinstance(model, fx.GraphModule) else getattr(model, "fxlop_report", {})
+    folded = (report or {}).get("fold_bn", {}).get("folded", [])
+    return [pair for pair in folded if isinstance(pair, dict) and "name" in pair]
 
 
 def _graph_sites(gm: fx.GraphModule, name: str) -> list[fx.Node]:
@@ -623,6 +633,11 @@ class _Lockstep:
                 _compare_tree(expected_inputs, inputs, "input", self.tolerance, _Tally())
             except EquivalenceError as error:
                 raise EquivalenceError(f"the models diverge before {where}: its {error}{after}") from None
+        if (isinstance(expected, torch.Tensor) and isinstance(output, torch.Tensor) and expected.shape != output.shape
+                and expected.numel() == output.numel()):
+            # a graph's layer value can be the flat product that the module reshapes on return (Hugging
+            # Face's Conv1D: addmm on (batch * tokens, features)): the same elements in the same order
+            expected = expected.reshape(output.shape)
         counted = _Tally()
         try:
             _compare_tree(expected, output, "output", self.tolerance, counted)
