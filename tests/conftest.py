@@ -12,6 +12,14 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# torch.compile's on-disk cache is not keyed by ATEN_CPU_CAPABILITY: a kernel compiled under avx2 and
+# loaded under `default` fails to build (at::vec undeclared).  Runs under another kernel set keep their own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.getuid()}_{os.environ['ATEN_CPU_CAPABILITY']}")
+
 #: fp32 end-to-end tolerance of expand/fuse (issue 2): rounding of the factors and of the extra
 #: contractions, tens of fp32 units of roundoff relative to the output scale
 FP32_RTOL = 1e-5
