@@ -209,6 +209,8 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs, *, rtol: 
         try:
             _compare_tree(expected, alone, "output", tolerance, free)
         except EquivalenceError as error:
+            if not tally.layers:  # no module compared anything: nothing explains the difference
+                raise
             warnings.warn(
                 f"verify: every compared module agreed ({tally.layers} module outputs), and so did the outputs "
                 f"with the modules' outputs taken from the reference, but the candidate on its own gives different "
