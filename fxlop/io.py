@@ -20,8 +20,11 @@ from .errors import FxlopError
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary file next to ``path`` for writing; on a clean exit of the block it replaces
-    ``path`` (created with the permissions a plain ``open`` would give it).
+    """Write a whole file atomically: a temporary file next to ``path``, renamed over it on a clean exit.
+
+    The new file keeps the permissions of the file it replaces, or gets those a plain ``open`` would
+    give it (``0o666`` less the umask).  A symbolic link is written through: its target gets the new
+    content and the link stays.
 
     Args:
         path: the file to write; its directory is created if missing.
@@ -31,16 +34,29 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         The open file object.
 
     Raises:
+        ValueError: ``mode`` is not ``"w"`` or ``"wb"``.
         OSError: the write failed (disk full, no permission); ``path`` is untouched then.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write writes a whole file: mode 'w' or 'wb', got {mode!r}")
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # a symlink is written through, not replaced by a file
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        permissions = path.stat().st_mode & 0o7777
+    except OSError:
+        permissions = 0o666 & ~UMASK
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(temporary, 0o666 & ~_umask())
-        with os.fdopen(descriptor, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
+        handle = os.fdopen(descriptor, mode, **({"encoding": "utf-8"} if mode == "w" else {}))
+    except BaseException:
+        os.close(descriptor)
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    try:
+        with handle:
+            with contextlib.suppress(OSError):
+                os.fchmod(handle.fileno(), permissions)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -53,7 +69,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
 
 
 def save(obj, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through :func:`atomic_write`.
+    """Save ``obj`` with ``torch.save`` through :func:`atomic_write`.
+
+    Args:
+        obj: what to save (a module, a state_dict, a checkpoint payload).
+        path: the file to write.
 
     Raises:
         OSError: the write failed (a full disk: ``ENOSPC``); ``path`` is untouched.  torch's writer
@@ -89,7 +109,15 @@ class _Recording:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through :func:`atomic_write`."""
+    """Write ``text`` to ``path`` (UTF-8) through :func:`atomic_write`.
+
+    Args:
+        path: the file to write.
+        text: its whole new content.
+
+    Raises:
+        OSError: the write failed; ``path`` is untouched.
+    """
     with atomic_write(path, "w") as handle:
         handle.write(text)
 
@@ -149,18 +177,52 @@ def check_directory_writable(directory: str | os.PathLike, what: str, shown: str
 
 
 def same_file(first: str | os.PathLike, second: str | os.PathLike) -> bool:
-    """Whether two paths name the same file (through links too); a missing path is compared by its
-    resolved name."""
+    """Whether two paths name the same file, through links and other spellings of the path too.
+
+    Args:
+        first: a path, existing or not.
+        second: another path.
+
+    Returns:
+        ``True`` when both name one file; a path that does not exist is compared by its resolved name.
+    """
     try:
         return os.path.samefile(first, second)
     except OSError:
         return Path(first).resolve() == Path(second).resolve()
 
 
-def _umask() -> int:
+def check_file(path: str | os.PathLike, what: str, expected: str = "a file", error: type = FxlopError) -> Path:
+    """Check that ``path`` is an existing file to read, neither a directory nor missing.
+
+    Args:
+        path: the file that will be read.
+        what: how the message names it (``"--weights"``, ``"checkpoint"``).
+        expected: what the message says it should be (``"a model file saved by torch.save"``).
+        error: the FxlopError class to raise.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        FxlopError: ``path`` is a directory or does not exist (as ``error``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory, not {expected}")
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    return path
+
+
+def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+#: the process's umask, read once at import (reading it means setting it, which is not thread-safe)
+UMASK = _read_umask()
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 from .errors import FxlopError
+from .io import check_file
 
 CIFAR_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 CIFAR_MODELS = (*CIFAR_RESNET_DEPTHS, "vgg16")
@@ -206,11 +207,24 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         ModelError: a missing or unreadable file, a state_dict without ``arch``, or one that does
             not fit the architecture; the message names the file.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ModelError(f"model file {path} is a directory, not a file saved by torch.save")
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
+    return model_from_saved(read_model_file(path), path, arch=arch, num_classes=num_classes,
+                            in_channels=in_channels)
+
+
+def read_model_file(path: str | Path) -> nn.Module | dict:
+    """What a model file holds, on the CPU: a whole module or a state_dict (unwrapped from a
+    checkpoint dict's ``"model"`` or ``"state_dict"``), not yet built into a model.
+
+    Args:
+        path: the file, saved with ``torch.save``; unpickled with ``weights_only=False``.
+
+    Returns:
+        The module or the state_dict.
+
+    Raises:
+        ModelError: a missing or unreadable file, or one holding neither a model nor a state_dict.
+    """
+    path = check_file(path, "model file", "a file saved by torch.save", ModelError)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch.load raises many types on a damaged file
@@ -224,6 +238,30 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         return saved
     if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
         raise ModelError(f"{path} holds a {type(saved).__name__} that is neither a model nor a state_dict")
+    return saved
+
+
+def model_from_saved(saved: nn.Module | dict, path: str | Path, *, arch: str | None = None,
+                     num_classes: int | None = None, in_channels: int = 3) -> nn.Module:
+    """The model of what :func:`read_model_file` read: a module as it is, a state_dict loaded strictly
+    into ``build_model(arch, ...)``.
+
+    Args:
+        saved: a module or a state_dict.
+        path: the file it came from, for the messages.
+        arch: the architecture of a state_dict.
+        num_classes: its classes (default: the output size of its last 2-D weight).
+        in_channels: its input channels.
+
+    Returns:
+        The model.
+
+    Raises:
+        ModelError: a state_dict without ``arch``, or one that does not fit the architecture.
+    """
+    path = Path(path)
+    if isinstance(saved, nn.Module):
+        return saved
     if arch is None:
         raise ModelError(f"{path} holds a state_dict: say which architecture it belongs to (arch=, --model)")
     if num_classes is None:

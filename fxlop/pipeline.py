@@ -1,6 +1,7 @@
 """The main job: dense model -> prune -> (expand) -> fine-tune (+SP) -> fuse -> verify -> save."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -9,6 +10,8 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ from . import data as datasets
 from . import models
 from .core import expand, fuse
 from .errors import FxlopError
-from .io import check_directory_writable, check_writable, same_file, save
+from .io import UMASK, check_directory_writable, check_file, check_writable, same_file, save
 from .prune import IMPORTANCES, prune_steps
 from .reporting import plot_curves, table, write_json
 from .train import TrainConfig, check_device, evaluate, finetune, init_distributed, setting
@@ -169,56 +172,102 @@ class RunSettings:
 
     def _check_paths(self) -> None:
         """The paths a run reads and writes, checked before any work: --weights a file, --out a directory
-        that a run may replace (missing, empty, or holding only a run's files) and can be written, --json
-        a writable file outside --out."""
+        that a run may replace (missing, empty, or a run's: holding its marker file) and can be written,
+        --json a writable file outside --out."""
         if self.weights is not None:
-            weights = Path(self.weights)
-            if weights.is_dir():
-                raise FxlopError(f"--weights {weights} is a directory, not a model file saved by torch.save")
-            if not weights.is_file():
-                raise FxlopError(f"--weights {weights} does not exist")
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise FxlopError(f"--out {out} is a file, not a directory")
-        if out.is_dir():
-            foreign = [p.name for p in out.iterdir() if not _is_run_file(p)]
-            if foreign:
-                raise FxlopError(f"--out {out} holds files a run does not write ({', '.join(sorted(foreign)[:5])}): a "
-                                 f"run replaces its --out directory as a whole, so give it a new or a run's directory")
-        check_directory_writable(out.parent, "--out", shown=out)
-        if self.weights is not None and out.resolve() in Path(self.weights).resolve().parents:
-            raise FxlopError(f"--weights {self.weights} is inside --out {out}, which the run replaces as a whole: "
-                             f"copy it elsewhere, or give the run another --out")
+            check_file(self.weights, "--weights", "a model file saved by torch.save")
+        out = out_directory(self.out)
+        problem = _unreplaceable(out)
+        if problem:
+            raise FxlopError(problem)
+        incomplete = _incomplete(out)
+        if incomplete.exists() and not (incomplete.is_dir() and (incomplete / RUN_MARKER).is_file()):
+            raise FxlopError(f"--out {self.out}: {incomplete} exists and is not what a failed run left (no "
+                             f"{RUN_MARKER} in it); a failed run would put its files there: move it away")
+        check_directory_writable(out.parent, "--out", shown=self.out)
+        for flag, path in (("--weights", self.weights), ("--json", self.json)):
+            if path is None:
+                continue
+            parents = Path(path).resolve().parents
+            if out in parents:
+                raise FxlopError(f"{flag} {path} is inside --out {self.out}, which the run replaces as a whole: "
+                                 + ("copy it elsewhere, or give the run another --out" if flag == "--weights" else
+                                    f"the report is in {out / 'report.json'} anyway"))
+            if incomplete in parents:
+                raise FxlopError(f"{flag} {path} is inside {incomplete}, which a failed run replaces: "
+                                 f"move it elsewhere")
         if self.json is not None and self.weights is not None and same_file(self.json, self.weights):
             raise FxlopError(f"--json {self.json} is the --weights file: write the report to another file")
         if self.json is not None:
             check_writable(self.json, "--json")
-            if out.resolve() in Path(self.json).resolve().parents:
-                raise FxlopError(f"--json {self.json} is inside --out {out}, which the run replaces: the report is "
-                                 f"in {out / 'report.json'} anyway")
 
 
-def _is_run_file(path: Path) -> bool:
-    """A file ``fxlop run`` writes into its --out directory."""
-    return path.is_file() and (path.name in RUN_FILES or path.suffix == ".jsonl")
+#: the file a run writes into its directory: only a directory holding it is replaced by a later run
+RUN_MARKER = ".fxlop-run"
 
 
-#: the files of a run's --out directory besides the per-method ``*.jsonl`` logs
-RUN_FILES = ("model.pt", "report.json", "curves.png")
+def out_directory(out: str | os.PathLike) -> Path:
+    """``--out`` resolved to an absolute path, refused where a run cannot replace it as a whole.
+
+    Args:
+        out: the ``--out`` setting.
+
+    Returns:
+        The resolved directory.
+
+    Raises:
+        FxlopError: an empty name, the file system root, the current directory or one of its parents,
+            or a mount point (which cannot be renamed).
+    """
+    if out is None or not str(out).strip():
+        raise FxlopError("--out is empty: name the directory a run writes")
+    resolved = Path(out).resolve()
+    if resolved == resolved.parent:
+        raise FxlopError(f"--out {out} is the file system root: a run replaces its --out as a whole")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise FxlopError(f"--out {out} is the current directory or one of its parents, which a run would replace "
+                         f"as a whole: give it a new directory")
+    if os.path.ismount(resolved):
+        raise FxlopError(f"--out {out} is a mount point, which cannot be replaced: give it a directory inside")
+    return resolved
+
+
+def _unreplaceable(out: Path) -> str | None:
+    """Why a run may not replace the directory ``out``, or None: it is missing, empty or a run's."""
+    if not out.exists() and not out.is_symlink():
+        return None
+    if not out.is_dir() or out.is_symlink():
+        return f"--out {out} is a file, not a directory"
+    names = sorted(p.name for p in out.iterdir())
+    if not names or RUN_MARKER in names:
+        return None
+    return (f"--out {out} holds files a run does not write ({', '.join(names[:5])}) and is not a run's directory "
+            f"(no {RUN_MARKER}): a run replaces its --out directory as a whole, so give it a new or a run's directory")
+
+
+def _incomplete(out: Path) -> Path:
+    return out.with_name(out.name + ".incomplete")
+
+
+def _is_run_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and (path / RUN_MARKER).is_file()
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """The device ``fxlop run`` works on: the one asked for (checked), else CUDA when available."""
+    """The device ``fxlop run`` works on: the one asked for, checked, else CUDA when available.
+
+    Args:
+        device: ``--device`` as typed (``"cpu"``, ``"cuda"``, ``"cuda:1"``), or None.
+
+    Returns:
+        The device.
+
+    Raises:
+        FxlopError: not a device, or not available here (see :func:`fxlop.train.check_device`).
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise FxlopError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, ...)") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FxlopError(f"--device {device}: CUDA is not available on this machine")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise FxlopError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
     return check_device(device, "--device")
 
 
@@ -255,37 +304,70 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     settings.check()
     rank, world = init_distributed()
     main = rank == 0
-    final = Path(settings.out)
+    final = out_directory(settings.out)
     if not main:
         return _run(settings, final, rank, world, progress, echo)
     # everything is written into a fresh staging directory next to --out, which replaces --out only
     # once the run is complete; a run that fails or is interrupted leaves it as <out>.incomplete
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-"))
+    os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp's 0700 would become --out's
+    (staging / RUN_MARKER).write_text("a directory written by fxlop run; a later run may replace it\n")
     try:
         report = _run(settings, final, rank, world, progress, echo, staging=staging)
     except BaseException:
-        if any(staging.iterdir()):  # what the run wrote, apart and marked; nothing written: nothing left
-            incomplete = final.with_name(final.name + ".incomplete")
-            shutil.rmtree(incomplete, ignore_errors=True)
-            os.replace(staging, incomplete)
-        else:
-            staging.rmdir()
+        _keep_incomplete(staging, final)
         raise
     _replace_directory(staging, final)
+    if settings.json:
+        write_json(settings.json, report)
+    echo(f"\nsaved {final / 'model.pt'} ({report['deployed']}), {final / 'report.json'}, {final / 'curves.png'} "
+         f"({report['wall_time_s']:.0f} s)")
     return report
 
 
+def _keep_incomplete(staging: Path, final: Path) -> None:
+    """After a failure: what the run wrote becomes ``<out>.incomplete`` (nothing written: nothing left).
+    A cleanup that fails itself leaves ``staging`` and warns, so that the run's own error is raised."""
+    try:
+        if any(p.name != RUN_MARKER for p in staging.iterdir()):
+            incomplete = _incomplete(final)
+            if _is_run_directory(incomplete):
+                shutil.rmtree(incomplete)
+            os.replace(staging, incomplete)
+        else:
+            shutil.rmtree(staging)
+    except OSError as error:
+        warnings.warn(f"fxlop run: what the failed run wrote is left in {staging} ({error})", stacklevel=3)
+
+
 def _replace_directory(staging: Path, final: Path) -> None:
-    """Put the complete ``staging`` directory at ``final``; an old ``final`` is removed only after."""
+    """Put the complete ``staging`` directory at ``final``; an old ``final`` is removed only after.
+
+    Raises:
+        FxlopError: ``final`` changed since the check into something a run may not replace, or the
+            renames failed; the message says where the results are.
+    """
+    problem = _unreplaceable(final)
+    if problem:
+        raise FxlopError(f"{problem} (it changed during the run); the results are in {staging}")
     old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(staging, final)
+    try:
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
+            os.replace(final, old)
+        os.replace(staging, final)
+    except OSError as error:
+        if old is not None and not final.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, final)
+        raise FxlopError(f"the results could not be put at {final} ({error.strerror or error}): they are in "
+                         f"{staging}") from error
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(final.with_name(final.name + ".incomplete"), ignore_errors=True)
+    incomplete = _incomplete(final)
+    if _is_run_directory(incomplete):
+        shutil.rmtree(incomplete, ignore_errors=True)
 
 
 def _run(settings: RunSettings, final: Path, rank: int, world: int, progress, echo, staging: Path | None = None):
@@ -296,6 +378,11 @@ def _run(settings: RunSettings, final: Path, rank: int, world: int, progress, ec
     out = staging if staging is not None else final
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
+    saved = None
+    if settings.weights:  # read and checked before the data are loaded
+        saved = models.read_model_file(settings.weights)
+        if isinstance(saved, nn.Module):
+            _check_weights_module(saved, settings)
 
     bundle = datasets.load_dataset(
         settings.dataset, data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size,
@@ -313,9 +400,9 @@ def _run(settings: RunSettings, final: Path, rank: int, world: int, progress, ec
 
     in_channels = bundle.input_shape[0]
     if settings.weights:
-        dense = models.load_model(settings.weights, arch=settings.model_name, num_classes=bundle.num_classes,
-                                  in_channels=in_channels)
-        _check_weights(dense, settings, bundle, example)
+        dense = models.model_from_saved(saved, settings.weights, arch=settings.model_name,
+                                        num_classes=bundle.num_classes, in_channels=in_channels)
+        _check_weights_data(dense, settings, bundle, example)
     else:
         torch.manual_seed(settings.seed)
         dense = models.build_model(settings.model_name, num_classes=bundle.num_classes, in_channels=in_channels)
@@ -384,37 +471,56 @@ def _run(settings: RunSettings, final: Path, rank: int, world: int, progress, ec
     }
     if main:
         write_json(out / "report.json", report)
-        if settings.json:
-            write_json(settings.json, report)
         plot_curves(out / "curves.png", {m: r["history"] for m, r in results.items()}, dense_accuracy=dense_accuracy,
                     post_prune_accuracy=post_prune_accuracy,
                     title=f"{settings.model_name} on {bundle.name}, {settings.ratio:.0%} pruned")
         say("")
         say(summary_table(report))
-        say(f"\nsaved {final / 'model.pt'} ({chosen}), {final / 'report.json'}, {final / 'curves.png'} "
-            f"({report['wall_time_s']:.0f} s)")
     return report
 
 
-def _check_weights(dense: nn.Module, settings: RunSettings, bundle, example: torch.Tensor) -> None:
-    """Refuse a --weights model that is not a dense model of --model for this data, before any work:
-    an expanded model (fuse it first), another architecture than --model (a whole module would
-    otherwise override it silently), or a model that fails on the data or has the wrong output width."""
+def _check_weights_module(dense: nn.Module, settings: RunSettings) -> None:
+    """Refuse a --weights module that is not a dense model of --model, before the data are loaded:
+    an expanded model (fuse it first), or another architecture than --model (a whole module would
+    otherwise override it silently)."""
     from .passes.expanded import ExpandedLayer
 
     expanded = [n for n, m in dense.named_modules() if isinstance(m, ExpandedLayer)]
     if expanded:
         raise FxlopError(f"--weights {settings.weights} holds an expanded model ({len(expanded)} expanded layers, "
                          f"e.g. {expanded[0]}): pass the dense model, or fuse it first (fxlop fuse)")
-    with torch.device("meta"):
-        reference = models.build_model(settings.model_name, num_classes=bundle.num_classes,
-                                       in_channels=bundle.input_shape[0])
-    same_keys = set(dense.state_dict()) == set(reference.state_dict())
-    if not same_keys or not (isinstance(dense, torch.fx.GraphModule) or type(dense) is type(reference)):
+    reference_type, reference_keys = _reference(settings.model_name)
+    same_keys = set(dense.state_dict()) == reference_keys
+    if not same_keys or not (isinstance(dense, torch.fx.GraphModule) or type(dense) is reference_type):
         flag = "--model" if settings.model else f"--model (default {settings.model_name})"
         raise FxlopError(f"--weights {settings.weights} holds a {type(dense).__name__}, not a {settings.model_name} "
-                         f"({type(reference).__name__}): pass the {flag} it is"
+                         f"({reference_type.__name__}): pass the {flag} it is"
                          + ("" if same_keys else " (its parameter names differ)"))
+
+
+def _reference(name: str) -> tuple[type, set[str]]:
+    """The class and the state_dict key names of the model ``name`` (neither depends on the classes
+    or the input channels): built on the meta device, or on the CPU where the model cannot be built
+    there (torchvision's RegNets copy tensors in their constructor)."""
+    in_channels = 1 if models.is_signal_model(name) else 3
+    try:
+        with torch.device("meta"):
+            reference = models.build_model(name, num_classes=10, in_channels=in_channels)
+    except FxlopError:
+        raise
+    except Exception:  # noqa: BLE001 - a constructor can fail on meta in any way; the CPU build tells
+        try:
+            reference = models.build_model(name, num_classes=10, in_channels=in_channels)
+        except FxlopError:
+            raise
+        except Exception as error:
+            raise FxlopError(f"--model {name} cannot be built to compare --weights with: "
+                             f"{type(error).__name__}: {error}") from error
+    return type(reference), set(reference.state_dict())
+
+
+def _check_weights_data(dense: nn.Module, settings: RunSettings, bundle, example: torch.Tensor) -> None:
+    """Refuse a --weights model that fails on the data or has the wrong output width, before any work."""
     try:
         with torch.no_grad():
             was_training = dense.training

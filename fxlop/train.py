@@ -27,7 +27,7 @@ from .passes.expanded import ExpandedLayer
 
 from .distill import Distiller, distiller
 from .errors import FxlopError
-from .io import check_writable, save, write_text
+from .io import check_file, check_writable, save, write_text
 
 CHECKPOINT_FORMAT = "fxlop-checkpoint/2"
 OPTIMIZERS = ("sgd", "adamw")
@@ -307,11 +307,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     """Read a checkpoint written by :func:`finetune`; a missing or unreadable file is an FxlopError."""
-    path = Path(path)
-    if path.is_dir():
-        raise FxlopError(f"checkpoint {path} is a directory, not a checkpoint file")
-    if not path.is_file():
-        raise FxlopError(f"checkpoint {path} does not exist")
+    path = check_file(path, "checkpoint", "a checkpoint file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # torch.load raises many types on a corrupt file
@@ -442,15 +438,44 @@ def _check_labels(logits: torch.Tensor, y: torch.Tensor, where: str) -> None:
 
 
 def check_device(device, what: str = "device") -> torch.device:
-    """``device`` as a ``torch.device`` that can run training here, or FxlopError: not a device, not
-    available (no GPU, an index past the last one) or ``meta``, where nothing can be trained."""
+    """Check that ``device`` names a device that can run training here, without allocating on it.
+
+    Args:
+        device: a device name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) or a ``torch.device``.
+        what: how the message names it (``"--device"``).
+
+    Returns:
+        ``device`` as a ``torch.device``.
+
+    Raises:
+        FxlopError: not a device, ``meta`` (where nothing can be trained), an index on the CPU, or not
+            available (no CUDA, an index past the last GPU, a backend not built in).
+    """
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as error:
         raise FxlopError(f"{what} {device!r} is not a device (cpu, cuda, cuda:1, ...)") from error
     if resolved.type == "meta":
         raise FxlopError(f"{what} {device!r}: the meta device holds no data, nothing can be trained on it")
-    try:
+    if resolved.type == "cpu":
+        if resolved.index not in (None, 0):
+            raise FxlopError(f"{what} {device!r}: there is one CPU device, cpu (no index)")
+        return resolved
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FxlopError(f"{what} {device!r} is not available on this machine: CUDA is not available")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise FxlopError(f"{what} {device!r} is not available on this machine: it has {count} CUDA "
+                             f"device{'s' if count != 1 else ''}")
+        return resolved
+    backend = getattr(torch, resolved.type, None) or getattr(torch.backends, resolved.type, None)
+    available = getattr(backend, "is_available", None)
+    if callable(available):
+        if not available():
+            raise FxlopError(f"{what} {device!r} is not available on this machine")
+        return resolved
+    try:  # a backend without is_available: one empty tensor tells
         torch.empty(0, device=resolved)
     except Exception as error:  # no driver, no such device, not compiled in: the backends raise many types
         raise FxlopError(f"{what} {device!r} is not available on this machine: "

@@ -48,14 +48,83 @@ def test_atomic_write_failing_part_way_leaves_the_target(tmp_path):
             _torn_save(None, handle)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]  # no temporary left behind
-    fxlop.io.write_text(target, "new")
-    assert target.read_text() == "new" and oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    fxlop.io.write_text(tmp_path / "made.txt", "new")
+    assert (tmp_path / "made.txt").read_text() == "new"
+    assert _mode(tmp_path / "made.txt") == _mode(_plain_file(tmp_path))
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _mode(path):
+    return oct(os.stat(path).st_mode & 0o7777)
+
+
+def _plain_directory(directory):
+    """A directory made by a plain mkdir, for the mode a new directory gets here."""
+    path = directory / "plain"
+    path.mkdir()
+    return path
+
+
+def _plain_file(directory):
+    """A file made by a plain open(), for the mode a new file gets here."""
+    path = directory / f"plain-{uuid.uuid4().hex[:8]}"
+    with open(path, "w"):
+        pass
+    return path
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    import fxlop.io
+
+    target = tmp_path / "secret.pt"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o600)
+    fxlop.io.save({"a": 1}, target)
+    assert _mode(target) == oct(0o600) and torch.load(target) == {"a": 1}
+
+
+def test_atomic_write_through_a_symlink_keeps_the_link(tmp_path):
+    import fxlop.io
+
+    real, link = tmp_path / "real.txt", tmp_path / "link.txt"
+    real.write_text("old")
+    link.symlink_to(real)
+    fxlop.io.write_text(link, "new")
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert real.read_text() == "new" and link.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "real.txt"]
+
+
+class _FillingHandle:
+    """A file handle whose writes find the disk full after ``room`` bytes."""
+
+    def __init__(self, handle, room=200):
+        self.handle, self.room = handle, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def test_save_turns_torchs_runtime_error_into_the_oserror(tmp_path, monkeypatch):
+    import fxlop.io
+
+    real = fxlop.io.atomic_write
+
+    @contextlib.contextmanager
+    def filling(path, mode="wb"):
+        with real(path, mode) as handle:
+            yield _FillingHandle(handle)
+
+    monkeypatch.setattr(fxlop.io, "atomic_write", filling)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        fxlop.io.save({"weight": torch.zeros(1000)}, tmp_path / "model.pt")
+    assert caught.value.errno == errno.ENOSPC and isinstance(caught.value.__cause__, RuntimeError)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left, no torn model
 
 
 @pytest.mark.parametrize("command", ["expand", "fuse"])
@@ -65,7 +134,11 @@ def test_cli_refuses_an_output_that_is_the_input(tmp_path, capsys, command):
     before = model.read_bytes()
     assert main([command, str(model), str(model)]) == 1
     _one_error_line(capsys, "is the input")
-    assert main([command, str(model), str(tmp_path / "." / "a.pt")]) == 1  # the same file by another name
+    assert main([command, str(model), os.path.join(str(tmp_path), ".", "a.pt")]) == 1  # another spelling
+    _one_error_line(capsys, "is the input")
+    (tmp_path / "link.pt").symlink_to(model)
+    assert main([command, str(model), str(tmp_path / "link.pt")]) == 1  # the same file through a link
+    _one_error_line(capsys, "is the input")
     assert model.read_bytes() == before
 
 
@@ -82,11 +155,33 @@ def test_cli_write_failing_part_way_keeps_input_and_earlier_output(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "out.pt"]
 
 
+def _no_permission(monkeypatch, directory):
+    """Files cannot be created in ``directory`` (the writability probe included), as if it were read-only."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(directory):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+_LINUX = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="/proc is Linux's")
+
+
 def test_cli_unwritable_output_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     torch.save(_small(), tmp_path / "a.pt")
     monkeypatch.setattr(fxlop.models, "load_model", lambda *a, **k: pytest.fail("loaded before checking the output"))
-    assert main(["expand", str(tmp_path / "a.pt"), "/proc/fxlop-test/out.pt"]) == 1
-    _one_error_line(capsys, "output /proc/fxlop-test/out.pt cannot be written")
+    with monkeypatch.context() as patch:
+        _no_permission(patch, tmp_path)
+        assert main(["expand", str(tmp_path / "a.pt"), str(tmp_path / "out.pt")]) == 1
+    _one_error_line(capsys, f"output {tmp_path / 'out.pt'} cannot be written: Permission denied")
+    if os.path.isdir("/proc/self"):  # a virtual file system too, on Linux
+        assert main(["expand", str(tmp_path / "a.pt"), "/proc/fxlop-test/out.pt"]) == 1
+        _one_error_line(capsys, "output /proc/fxlop-test/out.pt cannot be written")
     assert main(["expand", str(tmp_path / "a.pt"), str(tmp_path)]) == 1
     _one_error_line(capsys, "is a directory")
 
@@ -135,13 +230,64 @@ def no_work(monkeypatch):
 
 
 @pytest.mark.parametrize("flags,needle", [
-    (["--out", "/proc/fxlop-test/run"], "--out /proc/fxlop-test/run cannot be written"),
-    (["--json", "/proc/fxlop-test.json"], "--json /proc/fxlop-test.json cannot be written"),
+    pytest.param(["--out", "/proc/fxlop-test/run"], "--out /proc/fxlop-test/run cannot be written", marks=_LINUX),
+    pytest.param(["--json", "/proc/fxlop-test.json"], "--json /proc/fxlop-test.json cannot be written",
+                 marks=_LINUX),
     (["--device", "meta"], "the meta device holds no data"),
 ])
 def test_run_outputs_and_device_are_checked_before_any_work(tmp_path, capsys, no_work, flags, needle):
     assert main([*RUN, "--out", str(tmp_path / "run"), *flags]) == 1
     _one_error_line(capsys, needle)
+
+
+@pytest.mark.parametrize("flag", ["--out", "--json"])
+def test_run_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch, no_work, flag):
+    (tmp_path / "locked").mkdir()
+    _no_permission(monkeypatch, tmp_path / "locked")
+    path = str(tmp_path / "locked" / ("run" if flag == "--out" else "report.json"))
+    flags = ["--out", path] if flag == "--out" else ["--out", str(tmp_path / "run"), "--json", path]
+    assert main([*RUN, *flags]) == 1
+    _one_error_line(capsys, f"{flag} {path} cannot be written: Permission denied")
+
+
+@pytest.mark.parametrize("out", [".", "/", ".."])
+def test_run_refuses_an_out_it_cannot_replace_before_any_work(tmp_path, capsys, monkeypatch, no_work, out):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("mine")
+    assert main([*RUN, "--out", out]) == 1
+    _one_error_line(capsys, "--out", {".": "current directory", "..": "current directory or one of its parents",
+                                      "/": "file system root"}[out])
+    assert (tmp_path / "mine.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_run_refuses_an_out_holding_a_users_own_run_files(tmp_path, capsys, no_work):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"my own model")
+    (out / "train.jsonl").write_text("{}\n")
+    assert main([*RUN, "--out", str(out)]) == 1
+    _one_error_line(capsys, "holds files a run does not write (model.pt, train.jsonl)", ".fxlop-run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"model.pt": b"my own model", "train.jsonl": b"{}\n"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_run_refuses_an_incomplete_directory_that_is_not_a_runs(tmp_path, capsys, no_work):
+    (tmp_path / "run.incomplete").mkdir()
+    (tmp_path / "run.incomplete" / "model.pt").write_bytes(b"mine")
+    assert main([*RUN, "--out", str(tmp_path / "run")]) == 1
+    _one_error_line(capsys, "run.incomplete exists and is not what a failed run left")
+    assert (tmp_path / "run.incomplete" / "model.pt").read_bytes() == b"mine"
+
+
+def test_run_refuses_weights_inside_the_incomplete_directory(tmp_path, capsys, no_work):
+    from fxlop.models import build_model
+
+    incomplete = tmp_path / "run.incomplete"
+    incomplete.mkdir()
+    (incomplete / ".fxlop-run").write_text("")
+    weights = _save_weights(incomplete, build_model("resnet20", num_classes=10, in_channels=1))
+    assert main([*RUN, "--out", str(tmp_path / "run"), "--weights", weights]) == 1
+    _one_error_line(capsys, "is inside", "run.incomplete")
 
 
 def test_run_refuses_an_out_directory_holding_other_files(tmp_path, capsys, no_work):
@@ -153,7 +299,7 @@ def test_run_refuses_an_out_directory_holding_other_files(tmp_path, capsys, no_w
 
 def _earlier_run(out):
     out.mkdir()
-    files = {"model.pt": b"seed 1 model", "report.json": b'{"seed": 1}', "curves.png": b"png",
+    files = {".fxlop-run": b"", "model.pt": b"seed 1 model", "report.json": b'{"seed": 1}', "curves.png": b"png",
              "vanilla.jsonl": b"{}\n", "sp.jsonl": b"{}\n"}
     for name, data in files.items():
         (out / name).write_bytes(data)
@@ -191,10 +337,12 @@ def test_an_interrupted_run_leaves_the_earlier_run_whole(tmp_path, capsys, monke
     # complete: the new run replaces the old directory as a whole (seed 1's sp.jsonl does not linger)
     monkeypatch.undo()
     assert main([*RUN, "--out", str(out), "--seed", "2"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "model.pt", "report.json", "vanilla.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".fxlop-run", "curves.png", "model.pt", "report.json",
+                                                     "vanilla.jsonl"]
+    assert _mode(out) == _mode(_plain_directory(tmp_path))  # not mkdtemp's 0700
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["seed"] == 2 and report["model_path"] == str(out / "model.pt")
-    assert not incomplete.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not incomplete.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["plain", "run"]
 
 
 def _save_weights(tmp_path, model, name="weights.pt"):
@@ -229,6 +377,7 @@ def test_run_refuses_to_replace_its_own_input(tmp_path, capsys, no_work):
 
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".fxlop-run").write_text("")  # a run's directory, which a run would replace
     weights = _save_weights(out, build_model("resnet20", num_classes=10, in_channels=1), "model.pt")
     before = (out / "model.pt").read_bytes()
     assert main([*RUN, "--out", str(out), "--weights", weights]) == 1
@@ -256,10 +405,14 @@ def _small_tmpfs(tmp_path, size="256k"):
     """A tmpfs of ``size`` at a fresh mount point, or skip where mounting is not allowed (not root)."""
     point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
     point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
-    if not mounted:
-        pytest.skip("mounting a tmpfs needs root")
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                                 capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command on this machine")
+    if mounted.returncode != 0:
+        reason = mounted.stderr.strip() or f"exit status {mounted.returncode}"
+        pytest.skip(f"cannot mount a tmpfs here (euid {os.geteuid()}): {reason}")
     try:
         yield point
     finally:

@@ -105,7 +105,7 @@ def test_auto_deploys_the_best_on_validation_and_ties_go_to_vanilla():
     (["--lr", "nan"], "lr must be a finite number >= 0, got nan"),
     (["--gamma", "-1"], "gamma must be a finite number >= 0"),
     (["--taps", "nope"], "--taps ['nope'] name no layer of the model"),
-    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device cuda:"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "--device 'cuda:"),
     (["--device", "gpu0"], "--device 'gpu0' is not a device"),
     (["--model", "resnet20", "--dataset", "mnist1d"], "dataset 'mnist1d' holds 1-D signals; model 'resnet20'"),
     (["--val-fraction", "0"], "--method auto chooses on a validation split"),
