@@ -73,6 +73,8 @@ def test_a_wrong_box_regression_factor_fails_naming_its_layer(detector, request)
     layer = _last_regression_layer(expanded)
     _factor_times(expanded, layer, 1.5)  # that head's output off by 50 %
     try:
+        if detector == "ssdlite":  # the final boxes hide it: compared alone they "agree"
+            assert fxlop.verify(model, expanded, (images,), layers=False) <= FP32_RTOL
         with pytest.raises(fxlop.EquivalenceError,
                            match=rf"^the models diverge at layer '{re.escape(layer)}': its output\[.*relative 0\.5\b"):
             fxlop.verify(model, expanded, (images,))
