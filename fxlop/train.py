@@ -282,12 +282,13 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             for index, batch in enumerate(loader):
                 where = f"evaluate, batch {index + 1}"
-                x, y = _batch(batch, where)
-                x, y = _to_device(x, device), y.to(device)
+                x, loaded = _batch(batch, where)
+                x, y = _to_device(x, device), loaded.to(device)
                 logits = _logits(_call(model, x)).float()
-                _check_labels(logits, y, where)
-                totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                                       (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), device=device).double()])
+                _check_labels(logits, y, where, loaded)
+                n = len(y)  # dense outputs (a class per position) count each input once, its positions averaged
+                totals += torch.stack([F.cross_entropy(logits, y, reduction="none").double().reshape(n, -1).mean(1).sum(),
+                                       _correct(logits, y), torch.tensor(n, device=device).double()])
     finally:
         model.train(was_training)
     if isinstance(getattr(loader, "sampler", None), DistributedSampler) and dist.is_initialized():
@@ -330,12 +331,12 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
     batches = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=_disable(show))
     for index, batch in enumerate(batches):
         where = f"train_loader, epoch {epoch + 1}, batch {index + 1}"
-        x, y = _batch(batch, where)
-        x, y = _to_device(x, device, non_blocking=True), y.to(device, non_blocking=True)
+        x, loaded = _batch(batch, where)
+        x, y = _to_device(x, device, non_blocking=True), loaded.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             output = _call(forward_model, x)
             logits = _logits(output).float()
-            _check_labels(logits, y, where)
+            _check_labels(logits, y, where, loaded)
             ce = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             sp = torch.zeros((), device=device)
             if kd is not None:
@@ -350,7 +351,7 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
         optimizer.step()
         n = len(y)
         totals += torch.stack([loss.detach().double() * n, ce.detach().double() * n, sp.detach().double() * n,
-                               (logits.argmax(1) == y).sum().double(), torch.tensor(n, device=device).double()])
+                               _correct(logits, y), torch.tensor(n, device=device).double()])
     if dist.is_initialized():
         dist.all_reduce(totals)
     loss, ce, sp, correct, count = totals.tolist()
@@ -358,6 +359,11 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
         raise FxlopError(f"train_loader yielded no samples in epoch {epoch + 1}")
     return {"train_loss": loss / count, "train_ce": ce / count, "train_sp": sp / count,
             "train_accuracy": correct / count, "samples": int(count)}
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The inputs classified right; with a class per position, each input's fraction of right positions."""
+    return (logits.argmax(1) == y).double().reshape(len(y), -1).mean(1).sum()
 
 
 def _relative_sp_scale(ce: torch.Tensor, sp: torch.Tensor) -> float:
@@ -426,15 +432,19 @@ def _batch(batch, where: str):
     return x, y.long()
 
 
-def _check_labels(logits: torch.Tensor, y: torch.Tensor, where: str) -> None:
-    """Labels as many as the outputs and within the output width (one comparison, before any step)."""
-    if logits.dim() < 2 or y.dim() < 1 or y.shape[0] != logits.shape[0]:
+def _check_labels(logits: torch.Tensor, y: torch.Tensor, where: str, loaded: torch.Tensor | None = None) -> None:
+    """Labels of the shape cross-entropy takes (``(N,)`` for outputs ``(N, C)``, ``(N, d...)`` for
+    ``(N, C, d...)``) and within the output width, before any step.  The range is checked on
+    ``loaded``, the labels as the loader gave them, where that is on the CPU (no device sync)."""
+    expected = logits.shape[:1] + logits.shape[2:]
+    if logits.dim() < 2 or y.shape != expected:
         raise FxlopError(f"{where}: {tuple(y.shape)} labels for model outputs of shape {tuple(logits.shape)}; "
-                         f"expected one class index per input")
+                         f"expected one class index per input, labels of shape {tuple(expected)}")
     classes = logits.shape[1]
-    if bool(((y < 0) | (y >= classes)).any()):
-        raise FxlopError(f"{where}: labels range over [{int(y.min())}, {int(y.max())}], outside the model's "
-                         f"{classes} outputs (classes 0..{classes - 1})")
+    labels = loaded if loaded is not None and loaded.device.type == "cpu" else y
+    if bool(((labels < 0) | (labels >= classes)).any()):
+        raise FxlopError(f"{where}: labels range over [{int(labels.min())}, {int(labels.max())}], outside the "
+                         f"model's {classes} outputs (classes 0..{classes - 1})")
 
 
 def check_device(device, what: str = "device") -> torch.device:

@@ -377,6 +377,8 @@ BAD_LOADERS = [
     ("labels out of range", [_pairs(labels=torch.tensor([0, 4]))], r"batch 1: labels range over \[0, 4\]"),
     ("negative labels", [_pairs(labels=torch.tensor([-1, 0]))], r"labels range over \[-1, 0\]"),
     ("labels of another count", [_pairs(labels=torch.tensor([0, 1, 2]))], r"\(3,\) labels for model outputs"),
+    ("(N, 1) labels", [_pairs(labels=torch.tensor([[0], [1]]))],
+     r"\(2, 1\) labels for model outputs of shape \(2, 4\); expected .* labels of shape \(2,\)"),
     ("a tensor as the loader", torch.randn(4, 3), "must be an iterable of"),
 ]
 
@@ -465,3 +467,14 @@ def test_evaluate_checks_device_and_batches():
         fxlop.evaluate(_classifier(), [_pairs(labels=torch.tensor([0, 9]))])
     with pytest.raises(fxlop.FxlopError, match="a batch must be a pair"):
         fxlop.evaluate(_classifier(), [torch.randn(2, 3, 5, 5)])
+    with pytest.raises(fxlop.FxlopError, match=r"evaluate, batch 1: \(2, 1\) labels for model outputs of shape"):
+        fxlop.evaluate(_classifier(), [_pairs(labels=torch.tensor([[0], [1]]))])
+
+
+def test_labels_per_position_for_dense_outputs():
+    model = nn.Conv2d(3, 4, 1)  # (N, 4, 5, 5) outputs: a class per position
+    x = torch.randn(2, 3, 5, 5)
+    result = fxlop.evaluate(model, [(x, torch.zeros(2, 5, 5, dtype=torch.long))])
+    assert result["samples"] == 2 and 0 <= result["accuracy"] <= 1
+    with pytest.raises(fxlop.FxlopError, match=r"labels of shape \(2, 5, 5\)"):
+        fxlop.evaluate(model, [(x, torch.zeros(2, dtype=torch.long))])
