@@ -14,7 +14,7 @@ import operator
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 import torch.fx as fx
@@ -255,6 +255,7 @@ def _expand(model: nn.Module, back_end: _BackEnd, *, expansion, pointwise_expans
                   max_layer_params=max_layer_params)
     check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
                   max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion, seed=seed)
+    seed = int(seed)  # a NumPy integer too; the report stays plain JSON
     began = time.perf_counter()
     layers, skipped = back_end.find(model)
     chosen = _choose(model, layers, skipped, include, exclude)
@@ -596,8 +597,24 @@ def parameter_bytes(module: nn.Module) -> int:
 
 def check_options(expansion, mode, depth, max_params, init, *, max_bytes=None, max_seconds=None,
                   max_layer_params=None, pointwise_expansion=None, seed=0) -> None:
-    """Raise ExpansionError for settings the expansion cannot honour."""
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    """Refuse, before any work, settings the expansion cannot honour.
+
+    Args:
+        expansion: the width multiplier r of layers with a spatial kernel, a finite number >= 1.
+        mode: one of :data:`MODES` (``"online"``, ``"chain"``).
+        depth: the linear ops per expanded layer, an integer >= 2.
+        max_params: the most parameters the expanded model may hold, or None.
+        init: one of :data:`INITS`.
+        max_bytes: the most bytes the expanded parameters may take, or None.
+        max_seconds: the most seconds the expansion may plan for, or None.
+        max_layer_params: the most parameters one expanded layer may hold, or None.
+        pointwise_expansion: r of 1x1 convs and linears, a finite number >= 1, or None.
+        seed: the seed of the factors, an integer (``int`` or a NumPy integer; not a bool).
+
+    Raises:
+        ExpansionError: a setting of the wrong type or out of its range, naming it.
+    """
+    if not isinstance(seed, Integral) or isinstance(seed, bool):
         raise ExpansionError(f"seed must be an integer, got {seed!r}")
     if init not in INITS:
         raise ExpansionError(f"init must be one of {INITS}, got {init!r}")

@@ -340,6 +340,19 @@ def test_option_types_give_fxlop_errors(options, error, match):
         fxlop.expand(_small(), **options)
 
 
+def test_numpy_integer_seed_is_an_integer():
+    import numpy as np
+
+    expanded = fxlop.expand(_small(), seed=np.int64(3))
+    assert torch.equal(expanded.state_dict()[next(iter(expanded.state_dict()))],
+                       fxlop.expand(_small(), seed=3).state_dict()[next(iter(expanded.state_dict()))])
+    assert type(fxlop.report(expanded)["expand"]["seed"]) is int
+    with pytest.raises(fxlop.ExpansionError, match="seed must be an integer, got True"):
+        fxlop.expand(_small(), seed=True)
+    with pytest.raises(fxlop.ExpansionError, match="seed must be an integer"):
+        fxlop.expand(_small(), seed=np.float64(3.0))
+
+
 def test_overparameterized_checks_the_seed():
     with pytest.raises(fxlop.ExpansionError, match="seed must be an integer"):
         fxlop.overparameterized(_small(), seed="a")
