@@ -181,9 +181,6 @@ class RunSettings:
         if problem:
             raise FxlopError(problem)
         incomplete = _incomplete(out)
-        if incomplete.exists() and not (incomplete.is_dir() and (incomplete / RUN_MARKER).is_file()):
-            raise FxlopError(f"--out {self.out}: {incomplete} exists and is not what a failed run left (no "
-                             f"{RUN_MARKER} in it); a failed run would put its files there: move it away")
         check_directory_writable(out.parent, "--out", shown=self.out)
         for flag, path in (("--weights", self.weights), ("--json", self.json)):
             if path is None:
@@ -330,13 +327,17 @@ def _keep_incomplete(staging: Path, final: Path) -> None:
     """After a failure: what the run wrote becomes ``<out>.incomplete`` (nothing written: nothing left).
     A cleanup that fails itself leaves ``staging`` and warns, so that the run's own error is raised."""
     try:
-        if any(p.name != RUN_MARKER for p in staging.iterdir()):
-            incomplete = _incomplete(final)
-            if _is_run_directory(incomplete):
-                shutil.rmtree(incomplete)
-            os.replace(staging, incomplete)
-        else:
+        if not any(p.name != RUN_MARKER for p in staging.iterdir()):
             shutil.rmtree(staging)
+            return
+        incomplete = _incomplete(final)
+        if _is_run_directory(incomplete):
+            shutil.rmtree(incomplete)
+        elif incomplete.exists() or incomplete.is_symlink():  # not a run's: left alone
+            warnings.warn(f"fxlop run: what the failed run wrote is left in {staging} ({incomplete} exists and is "
+                          f"not a run's directory, so it was not replaced)", stacklevel=3)
+            return
+        os.replace(staging, incomplete)
     except OSError as error:
         warnings.warn(f"fxlop run: what the failed run wrote is left in {staging} ({error})", stacklevel=3)
 

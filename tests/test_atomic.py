@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import subprocess
 import uuid
 
@@ -221,6 +222,7 @@ RUN = ["run", "--dataset", "digits", "--model", "resnet20", "--method", "vanilla
 
 @pytest.fixture
 def no_work(monkeypatch):
+    """Nothing is trained: the checks that need the data (a --weights model run on its inputs) may load it."""
     import fxlop.pipeline
 
     def refuse(*args, **kwargs):
@@ -229,19 +231,30 @@ def no_work(monkeypatch):
     monkeypatch.setattr(fxlop.pipeline, "finetune", refuse)
 
 
+@pytest.fixture
+def no_data(monkeypatch, no_work):
+    """Not even the data are loaded: the checks of paths, settings and the --weights file come first."""
+    import fxlop.pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data were loaded before the input was checked")
+
+    monkeypatch.setattr(fxlop.pipeline.datasets, "load_dataset", refuse)
+
+
 @pytest.mark.parametrize("flags,needle", [
     pytest.param(["--out", "/proc/fxlop-test/run"], "--out /proc/fxlop-test/run cannot be written", marks=_LINUX),
     pytest.param(["--json", "/proc/fxlop-test.json"], "--json /proc/fxlop-test.json cannot be written",
                  marks=_LINUX),
     (["--device", "meta"], "the meta device holds no data"),
 ])
-def test_run_outputs_and_device_are_checked_before_any_work(tmp_path, capsys, no_work, flags, needle):
+def test_run_outputs_and_device_are_checked_before_any_work(tmp_path, capsys, no_data, flags, needle):
     assert main([*RUN, "--out", str(tmp_path / "run"), *flags]) == 1
     _one_error_line(capsys, needle)
 
 
 @pytest.mark.parametrize("flag", ["--out", "--json"])
-def test_run_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch, no_work, flag):
+def test_run_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch, no_data, flag):
     (tmp_path / "locked").mkdir()
     _no_permission(monkeypatch, tmp_path / "locked")
     path = str(tmp_path / "locked" / ("run" if flag == "--out" else "report.json"))
@@ -251,7 +264,7 @@ def test_run_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("out", [".", "/", ".."])
-def test_run_refuses_an_out_it_cannot_replace_before_any_work(tmp_path, capsys, monkeypatch, no_work, out):
+def test_run_refuses_an_out_it_cannot_replace_before_any_work(tmp_path, capsys, monkeypatch, no_data, out):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.txt").write_text("mine")
     assert main([*RUN, "--out", out]) == 1
@@ -260,7 +273,7 @@ def test_run_refuses_an_out_it_cannot_replace_before_any_work(tmp_path, capsys, 
     assert (tmp_path / "mine.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
 
 
-def test_run_refuses_an_out_holding_a_users_own_run_files(tmp_path, capsys, no_work):
+def test_run_refuses_an_out_holding_a_users_own_run_files(tmp_path, capsys, no_data):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "model.pt").write_bytes(b"my own model")
@@ -271,15 +284,28 @@ def test_run_refuses_an_out_holding_a_users_own_run_files(tmp_path, capsys, no_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
-def test_run_refuses_an_incomplete_directory_that_is_not_a_runs(tmp_path, capsys, no_work):
+def test_a_failed_run_leaves_an_incomplete_directory_that_is_not_a_runs_alone(tmp_path, monkeypatch):
+    import fxlop.pipeline
+
+    def interrupted(method, *args):
+        args[-1].write_text('{"epoch": 1}\n')
+        raise KeyboardInterrupt
+
     (tmp_path / "run.incomplete").mkdir()
     (tmp_path / "run.incomplete" / "model.pt").write_bytes(b"mine")
-    assert main([*RUN, "--out", str(tmp_path / "run")]) == 1
-    _one_error_line(capsys, "run.incomplete exists and is not what a failed run left")
+    monkeypatch.setattr(fxlop.pipeline, "_finetune_method", interrupted)
+    with pytest.warns(UserWarning, match="left in .*staging-.*run.incomplete exists and is not a run's"), \
+            pytest.raises(KeyboardInterrupt):
+        fxlop.pipeline.run(fxlop.pipeline.RunSettings(
+            dataset="digits", model="resnet20", method="vanilla", dense_epochs=0, batch_size=256,
+            out=str(tmp_path / "run"), train=fxlop.TrainConfig(epochs=1)), progress=False, echo=lambda *a: None)
+    assert [p.name for p in (tmp_path / "run.incomplete").iterdir()] == ["model.pt"]
     assert (tmp_path / "run.incomplete" / "model.pt").read_bytes() == b"mine"
+    staging = [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+    assert len(staging) == 1 and (staging[0] / "vanilla.jsonl").exists()
 
 
-def test_run_refuses_weights_inside_the_incomplete_directory(tmp_path, capsys, no_work):
+def test_run_refuses_weights_inside_the_incomplete_directory(tmp_path, capsys, no_data):
     from fxlop.models import build_model
 
     incomplete = tmp_path / "run.incomplete"
@@ -290,7 +316,7 @@ def test_run_refuses_weights_inside_the_incomplete_directory(tmp_path, capsys, n
     _one_error_line(capsys, "is inside", "run.incomplete")
 
 
-def test_run_refuses_an_out_directory_holding_other_files(tmp_path, capsys, no_work):
+def test_run_refuses_an_out_directory_holding_other_files(tmp_path, capsys, no_data):
     (tmp_path / "notes.txt").write_text("mine")
     assert main([*RUN, "--out", str(tmp_path)]) == 1
     _one_error_line(capsys, "holds files a run does not write (notes.txt)")
@@ -357,8 +383,13 @@ def _save_weights(tmp_path, model, name="weights.pt"):
     ("wrong input channels", "does not take digits's inputs of shape (1, 16, 16)"),
     ("wrong classes", "gives outputs of shape (2, 5) for digits, which has 10 classes"),
 ])
-def test_run_checks_whole_module_weights_before_any_work(tmp_path, capsys, no_work, case, needle):
+def test_run_checks_whole_module_weights_before_any_work(tmp_path, capsys, monkeypatch, no_work, case, needle):
+    import fxlop.pipeline
     from fxlop.models import build_model
+
+    if case in ("another architecture", "expanded", "expanded without tracing"):  # checked before the data
+        monkeypatch.setattr(fxlop.pipeline.datasets, "load_dataset",
+                            lambda *a, **k: pytest.fail("the data were loaded before the --weights file was checked"))
 
     model = {
         "another architecture": lambda: build_model("vgg16", num_classes=10, in_channels=1),
@@ -372,7 +403,7 @@ def test_run_checks_whole_module_weights_before_any_work(tmp_path, capsys, no_wo
     _one_error_line(capsys, needle)
 
 
-def test_run_refuses_to_replace_its_own_input(tmp_path, capsys, no_work):
+def test_run_refuses_to_replace_its_own_input(tmp_path, capsys, no_data):
     from fxlop.models import build_model
 
     out = tmp_path / "run"
@@ -387,12 +418,12 @@ def test_run_refuses_to_replace_its_own_input(tmp_path, capsys, no_work):
     assert (out / "model.pt").read_bytes() == before
 
 
-def test_run_weights_that_is_a_directory(tmp_path, capsys, no_work):
+def test_run_weights_that_is_a_directory(tmp_path, capsys, no_data):
     assert main([*RUN, "--out", str(tmp_path / "run"), "--weights", str(tmp_path)]) == 1
     _one_error_line(capsys, "--weights", "is a directory")
 
 
-def test_a_run_that_fails_before_writing_leaves_nothing(tmp_path, capsys, no_work):
+def test_a_run_that_fails_before_writing_leaves_nothing(tmp_path, capsys, no_data):
     from fxlop.models import build_model
 
     weights = _save_weights(tmp_path, build_model("vgg16", num_classes=10, in_channels=1))
@@ -432,3 +463,81 @@ def test_full_disk_keeps_the_input_and_the_earlier_output(tmp_path, capsys):
         _one_error_line(capsys, "No space left on device")
         assert source.read_bytes() == before and out.read_bytes() == b"earlier output"
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "model.pt", "out.pt"]
+
+
+def test_a_failing_cleanup_does_not_hide_the_interrupt(tmp_path, monkeypatch):
+    import fxlop.pipeline
+
+    def interrupted(method, *args):
+        args[-1].write_text('{"epoch": 1}\n')
+        raise KeyboardInterrupt
+
+    def busy(*args, **kwargs):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(fxlop.pipeline, "_finetune_method", interrupted)
+    monkeypatch.setattr(fxlop.pipeline.os, "replace", busy)
+    with pytest.warns(UserWarning, match="left in .*staging-"), pytest.raises(KeyboardInterrupt):
+        fxlop.pipeline.run(fxlop.pipeline.RunSettings(
+            dataset="digits", model="resnet20", method="vanilla", dense_epochs=0, batch_size=256,
+            out=str(tmp_path / "run"), train=fxlop.TrainConfig(epochs=1)), progress=False, echo=lambda *a: None)
+    staging = [p for p in tmp_path.iterdir() if ".staging-" in p.name]
+    assert len(staging) == 1 and (staging[0] / "vanilla.jsonl").exists()
+
+
+def test_json_is_written_and_saved_printed_only_after_the_replace(tmp_path, monkeypatch):
+    import fxlop.pipeline
+
+    def failing(staging, final):
+        raise fxlop.FxlopError(f"the results could not be put at {final}: they are in {staging}")
+
+    lines = []
+    monkeypatch.setattr(fxlop.pipeline, "_replace_directory", failing)
+    settings = fxlop.pipeline.RunSettings(dataset="digits", model="resnet20", method="vanilla", dense_epochs=0,
+                                          batch_size=256, out=str(tmp_path / "run"), json=str(tmp_path / "r.json"),
+                                          train=fxlop.TrainConfig(epochs=1))
+    with pytest.raises(fxlop.FxlopError, match="they are in"):
+        fxlop.pipeline.run(settings, progress=False, echo=lines.append)
+    assert not (tmp_path / "r.json").exists() and not any("saved" in str(line) for line in lines)
+    monkeypatch.undo()
+    shutil.rmtree(next(p for p in tmp_path.iterdir() if ".staging-" in p.name))
+    fxlop.pipeline.run(settings, progress=False, echo=lines.append)
+    assert json.loads((tmp_path / "r.json").read_text())["model_path"] == str(tmp_path / "run" / "model.pt")
+    assert "saved" in lines[-1]
+
+
+def test_a_failing_replace_says_where_the_results_are(tmp_path, monkeypatch):
+    import fxlop.pipeline
+
+    staging, final = tmp_path / ".run.staging-x", tmp_path / "run"
+    staging.mkdir()
+    (staging / ".fxlop-run").write_text("")
+    monkeypatch.setattr(fxlop.pipeline.os, "replace",
+                        lambda *a: (_ for _ in ()).throw(OSError(errno.EBUSY, "Device or resource busy")))
+    with pytest.raises(fxlop.FxlopError, match=f"could not be put at {final} .*Device or resource busy.*{staging}"):
+        fxlop.pipeline._replace_directory(staging, final)
+    assert staging.is_dir()
+
+
+def test_a_folder_that_became_a_users_during_the_run_is_not_replaced(tmp_path):
+    import fxlop.pipeline
+
+    staging, final = tmp_path / ".run.staging-x", tmp_path / "run"
+    staging.mkdir()
+    final.mkdir()
+    (final / "model.pt").write_bytes(b"mine")
+    with pytest.raises(fxlop.FxlopError, match="changed during the run.*results are in"):
+        fxlop.pipeline._replace_directory(staging, final)
+    assert (final / "model.pt").read_bytes() == b"mine" and staging.is_dir()
+
+
+def test_weights_of_a_model_that_cannot_be_built_on_meta(tmp_path, monkeypatch):
+    import fxlop.pipeline
+    from fxlop.models import build_model
+
+    # torchvision's RegNets copy tensors in their constructor, which the meta device refuses
+    assert fxlop.pipeline._reference("regnet_x_400mf")[0].__name__ == "RegNet"
+    torch.save(build_model("resnet20", num_classes=10, in_channels=3), tmp_path / "w.pt")
+    settings = fxlop.pipeline.RunSettings(dataset="digits", model="regnet_x_400mf", weights=str(tmp_path / "w.pt"))
+    with pytest.raises(fxlop.FxlopError, match="holds a CifarResNet, not a regnet_x_400mf"):
+        fxlop.pipeline._check_weights_module(torch.load(tmp_path / "w.pt", weights_only=False), settings)
