@@ -4,6 +4,9 @@ Never a silent wrong output, never a changed caller model.  (More cases live nex
 features: data, models, pruning, training, CLI.)
 """
 import copy
+import errno
+import os
+import re
 
 import pytest
 import torch
@@ -452,6 +455,26 @@ def test_finetune_unknown_option_and_config():
         fxlop.finetune(_classifier(), [_pairs()], config={"lr": 0.1})
 
 
+def test_check_device_does_not_allocate(monkeypatch):
+    from fxlop.pipeline import resolve_device
+    from fxlop.train import check_device
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("a tensor was allocated to check the device")
+
+    monkeypatch.setattr(torch, "empty", no_allocation)
+    assert check_device("cpu") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == torch.device("cuda:1") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(fxlop.FxlopError, match="--device 'cuda:2' is not available on this machine: it has 2 CUDA"):
+        resolve_device("cuda:2")
+    with pytest.raises(fxlop.FxlopError, match="'cpu:1': there is one CPU device"):
+        check_device("cpu:1")
+    with pytest.raises(fxlop.FxlopError, match="--device 'gpu0' is not a device"):
+        resolve_device("gpu0")
+
+
 @pytest.mark.parametrize("device,match", [
     ("meta", "meta device holds no data"),
     ("gpu0", "'gpu0' is not a device"),
@@ -478,13 +501,27 @@ def test_directory_given_as_a_model_or_a_checkpoint(tmp_path):
         fxlop.finetune(_classifier(), [_pairs()], epochs=1, checkpoint_path=tmp_path, resume=True)
 
 
+@pytest.mark.parametrize("where", ["read-only directory", pytest.param("/proc", marks=pytest.mark.skipif(
+    not os.path.isdir("/proc/self"), reason="/proc is Linux's"))])
 @pytest.mark.parametrize("option", ["log_path", "checkpoint_path"])
-def test_unwritable_training_outputs_are_refused_before_training(option):
+def test_unwritable_training_outputs_are_refused_before_training(tmp_path, monkeypatch, option, where):
+    import tempfile
+
+    if where == "/proc":
+        path = "/proc/fxlop-x/x.pt"
+    else:  # no file can be created there: the writability probe's mkstemp is refused
+        path = str(tmp_path / "x.pt")
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
     model = _classifier()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(fxlop.FxlopError, match=f"{option} /proc/fxlop-x/x.pt cannot be written"):
-        fxlop.finetune(model, [_pairs()], epochs=1, lr=0.1, **{option: "/proc/fxlop-x/x.pt"})
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(fxlop.FxlopError, match=f"{option} {re.escape(path)} cannot be written"):
+        fxlop.finetune(model, [_pairs()], epochs=1, lr=0.1, **{option: path})
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 @pytest.mark.parametrize("trace", [True, False])
