@@ -32,7 +32,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``).
+    """Run the command line ``argv``.
+
+    Args:
+        argv: the arguments after the program name (``["run", "--epochs", "2"]``); ``None``:
+            ``sys.argv[1:]``.
 
     Returns:
         The exit code: 0 on success; 1 for any refused input or failure, reported as one

@@ -113,10 +113,17 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
 
 
 def report(model: nn.Module) -> dict:
-    """What :func:`expand`, :func:`fuse` and BatchNorm folding did to ``model`` (empty if nothing).
+    """What :func:`expand`, :func:`fuse` and BatchNorm folding did to ``model``.
 
     The report survives ``torch.save``/``torch.load`` of the model (and pickling): a GraphModule's
     ``meta`` does not, so it is also kept in the model's ``fxlop_report`` attribute.
+
+    Args:
+        model: a model that :func:`expand` or :func:`fuse` returned (or any other module).
+
+    Returns:
+        The report, a dict with a section per pass (``"expand"``, ``"fuse"``, ...); empty if no pass
+        ran on ``model``.
     """
     if isinstance(model, fx.GraphModule) and model.meta.get("fxlop"):
         return model.meta["fxlop"]

@@ -128,7 +128,12 @@ class RunSettings:
                                    gamma=self.train.gamma if method in SP_METHODS else 0.0, seed=self.seed)
 
     def check(self) -> None:
-        """Validate every setting before any work starts; all problems in one FxlopError."""
+        """Validate every setting before any work starts.
+
+        Raises:
+            FxlopError: every problem found (a value out of range, an unknown name, a device not
+                available, a path that cannot be read, written or replaced), in one message.
+        """
         problems = []
         if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
             problems.append(f"--ratio must be in (0, 1), got {self.ratio}")

@@ -23,8 +23,18 @@ def table(rows: Sequence[Sequence], headers: Sequence[str], markdown: bool = Fal
 
 
 def write_json(path: str | os.PathLike, payload) -> None:
-    """Write JSON through :func:`fxlop.io.atomic_write`, so a reader never sees half a report and a
-    failed write leaves the previous file."""
+    """Write ``payload`` as JSON through :func:`fxlop.io.atomic_write`.
+
+    A reader never sees half a report, and a failed write leaves the previous file.
+
+    Args:
+        path: the file to write.
+        payload: JSON data; tensors and arrays (anything with ``tolist``) and paths are converted.
+
+    Raises:
+        TypeError: ``payload`` holds something JSON cannot hold (before the file is touched).
+        OSError: the write failed; ``path`` is untouched.
+    """
     text = json.dumps(payload, indent=2, default=_jsonable) + "\n"  # serialized before the file is touched
     write_text(path, text)
 
@@ -39,7 +49,18 @@ def _jsonable(value):
 
 def plot_curves(path: str | os.PathLike, histories: dict[str, list[dict]], *, dense_accuracy: float | None = None,
                 post_prune_accuracy: float | None = None, title: str = "") -> None:
-    """Accuracy and training loss per epoch, one line per method, dense and post-prune levels dashed."""
+    """Plot accuracy and training loss per epoch, one line per method, dense and post-prune levels dashed.
+
+    Args:
+        path: the PNG to write (atomically).
+        histories: per method, its per-epoch records (``epoch``, ``train_ce``, accuracies).
+        dense_accuracy: the dense model's accuracy, drawn as a dashed level.
+        post_prune_accuracy: the pruned model's accuracy before fine-tuning, dashed too.
+        title: the figure's title.
+
+    Raises:
+        OSError: the write failed; ``path`` is untouched.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -300,14 +300,35 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """``torch.save`` through :func:`fxlop.io.atomic_write` (a temporary file in the same directory,
-    fsync, rename over ``path``): readers (and a resume after kill -9) see the old checkpoint or the
-    new one, never a torn file."""
+    """Save a checkpoint atomically: ``torch.save`` through :func:`fxlop.io.atomic_write`.
+
+    A temporary file in the same directory is fsynced and renamed over ``path``: readers (and a
+    resume after kill -9) see the old checkpoint or the new one, never a torn file.
+
+    Args:
+        path: the checkpoint file.
+        payload: what :func:`finetune` checkpoints (``format``, model and optimizer states, epoch, ...).
+
+    Raises:
+        OSError: the write failed (a full disk); the previous checkpoint is untouched.
+    """
     save(payload, path)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
-    """Read a checkpoint written by :func:`finetune`; a missing or unreadable file is an FxlopError."""
+    """Read a checkpoint written by :func:`finetune`.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors are loaded to, as for ``torch.load``.
+
+    Returns:
+        The checkpoint's payload.
+
+    Raises:
+        FxlopError: the file is missing, a directory, unreadable, not an fxlop checkpoint, or one of
+            another format version.
+    """
     path = check_file(path, "checkpoint", "a checkpoint file")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)

@@ -275,6 +275,10 @@ class ExpandedLayer(nn.Module):
         Args:
             name: the layer's qualified name, for the error message.
 
+        Returns:
+            The replaced module (conv, linear, ...) rebuilt with the composed weight and the layer's
+            bias, or, for a layer that replaced a functional weight, the composed ``nn.Parameter``.
+
         Raises:
             FusionError: the factors (edited since the expansion) do not compose, or compose to a
                 weight of another shape than the replaced layer's.
