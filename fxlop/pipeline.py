@@ -287,8 +287,12 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     Outputs: every file is written atomically (:mod:`fxlop.io`) into a fresh staging directory next to
     ``settings.out``, which replaces ``settings.out`` as a whole once the run is complete, so a used
     ``--out`` never mixes two runs.  A run that fails or is interrupted leaves its files in
-    ``<out>.incomplete`` and ``--out`` as it was.  ``--out`` must be missing, empty or a run's
-    directory (only ``model.pt``, ``report.json``, ``curves.png``, ``*.jsonl``).
+    ``<out>.incomplete`` (replacing only an earlier run's: one that is not is left alone, and the files
+    stay in the staging directory, with a warning) and ``--out`` as it was.  ``--out`` must be missing,
+    empty or a run's directory: one holding the marker file ``.fxlop-run`` that every run writes, so
+    that a directory of one's own is never replaced, whatever files it holds.  It may not be the file
+    system root, the current directory or one of its parents, or a mount point.  ``--json`` is written
+    once ``--out`` is in place.
 
     Args:
         settings: the run, validated by :meth:`RunSettings.check` before any work.
@@ -301,7 +305,8 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     Raises:
         FxlopError: a bad setting or path, a --weights model that is not a dense model of --model
             for the data (before any work), or a failure of the job.
-        OSError: an output write failed (a full disk); ``--out`` is left as it was.
+        OSError: an output write failed (a full disk); ``--out`` is left as it was.  (Putting the
+            results at ``--out`` failing is an FxlopError that says where they are.)
     """
     settings.check()
     rank, world = init_distributed()

@@ -500,9 +500,10 @@ def check_device(device, what: str = "device") -> torch.device:
             raise FxlopError(f"{what} {device!r} is not available on this machine: it has {count} CUDA "
                              f"device{'s' if count != 1 else ''}")
         return resolved
-    backend = getattr(torch, resolved.type, None) or getattr(torch.backends, resolved.type, None)
-    available = getattr(backend, "is_available", None)
-    if callable(available):
+    available = next((getattr(module, "is_available") for module in (getattr(torch, resolved.type, None),
+                                                                     getattr(torch.backends, resolved.type, None))
+                      if callable(getattr(module, "is_available", None))), None)
+    if available is not None:
         if not available():
             raise FxlopError(f"{what} {device!r} is not available on this machine")
         return resolved

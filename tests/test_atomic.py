@@ -263,13 +263,13 @@ def test_run_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, mo
     _one_error_line(capsys, f"{flag} {path} cannot be written: Permission denied")
 
 
-@pytest.mark.parametrize("out", [".", "/", ".."])
+@pytest.mark.parametrize("out", [".", "/", "..", ""])
 def test_run_refuses_an_out_it_cannot_replace_before_any_work(tmp_path, capsys, monkeypatch, no_data, out):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.txt").write_text("mine")
     assert main([*RUN, "--out", out]) == 1
     _one_error_line(capsys, "--out", {".": "current directory", "..": "current directory or one of its parents",
-                                      "/": "file system root"}[out])
+                                      "/": "file system root", "": "--out is empty"}[out])
     assert (tmp_path / "mine.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
 
 
