@@ -341,7 +341,7 @@ def _cell(r: dict) -> str:
     expand = f"{r['expand_rel']:.1e}" if "expand_rel" in r else _text(r.get("expand_error", "-"))
     fuse = f"{r['fuse_rel']:.1e}" if "fuse_rel" in r else _text(r.get("fuse_error", "-"))
     if r.get("selection_warning"):
-        expand += " (final outputs reordered by selection)"
+        expand += " (layers agree; final outputs differ after ops that select or reorder)"
     return f"{r['expanded']} / {r['expandable']} | {expand} | {fuse} | {r['seconds']:.1f}"
 
 

@@ -9,8 +9,8 @@ models run in lockstep (the reference in a helper thread, strictly taking turns 
 candidate): at each such module the candidate's output is compared with the reference's output of
 the same call and then replaced by it, so that everything downstream sees the reference's values;
 a difference further down can then only come from code that differs, and the first module that
-disagrees is the one named.  Only one call's values are held at a time (see
-:data:`MAX_PENDING_BYTES`).
+disagrees is the one named.  The reference runs ahead only until it produces the value the
+candidate waits for, and the values it holds meanwhile stay under :data:`MAX_PENDING_BYTES`.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import EquivalenceError, FxlopError
 from .passes.expanded import ExpandedLayer, layer_nodes, site_ends
@@ -145,8 +146,11 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs, *, rtol: 
     wrong layer nor make an exact one fail.  The final outputs are compared twice: in that run (any
     difference there comes from code outside the compared modules, and fails) and with the
     candidate running on its own.  When only the second differs while every compared module
-    agreed, the difference is within-tolerance rounding made discrete by such ops: it is reported
-    with a ``UserWarning`` and does not fail.
+    agreed and the candidate ran ops that select or reorder by floating-point values (top-k, sort,
+    argmax, NMS, comparisons with a threshold), the difference is within-tolerance rounding made
+    discrete by such ops: it is reported with a ``UserWarning`` and does not fail (nor does it enter
+    the returned error).  Without such ops it fails: error that grew through layers each within
+    tolerance is still error.
 
     Nothing is counted as agreement unless it is: an output or layer value that is empty, all NaN
     or inf, or all zero compares nothing, and when no comparison compared anything ``verify``
@@ -204,19 +208,23 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs, *, rtol: 
                       context="with every compared module's output taken from the reference (so the difference "
                               "comes from code outside the compared modules)")
         # the candidate on its own: the end-to-end deviation, when selection does not make it discrete
-        alone = _call(candidate, "candidate", *_copy_inputs(args, kwargs))
+        with _SelectionOps() as selections:
+            alone = _call(candidate, "candidate", *_copy_inputs(args, kwargs))
         free = _Tally()
         try:
             _compare_tree(expected, alone, "output", tolerance, free)
         except EquivalenceError as error:
-            if not tally.layers:  # no module compared anything: nothing explains the difference
+            # only ops that select or reorder by floating-point values explain an end-to-end difference
+            # when every module agreed; without them it is error that grew through the layers (a layer
+            # within tolerance of its own largest value can still be wrong on a small channel)
+            if not tally.layers or not selections.seen:
                 raise
             warnings.warn(
                 f"verify: every compared module agreed ({tally.layers} module outputs), and so did the outputs "
                 f"with the modules' outputs taken from the reference, but the candidate on its own gives different "
-                f"outputs: {error}.  Ops after the layers that select or reorder (NMS, top-k, sorting, thresholds) "
-                f"turn within-tolerance rounding into different selections; this is not counted as a difference.",
-                stacklevel=2)
+                f"outputs: {error}.  The candidate runs ops that select or reorder by floating-point values "
+                f"({', '.join(sorted(selections.seen))}), which turns within-tolerance rounding into different "
+                f"selections; this is not counted as a difference.", stacklevel=2)
         else:
             tally.worst = max(tally.worst, free.worst)
             tally.meaningful += free.meaningful
@@ -523,6 +531,51 @@ def _probed_graph(gm: fx.GraphModule, layers: dict[str, str]) -> fx.GraphModule:
 _local = threading.local()
 
 
+def _thread_modes() -> list:
+    """The caller's thread-local modes that a new thread does not inherit, as context managers to
+    enter there: inference mode, autocast per device type, the current CUDA device and stream."""
+    modes = []
+    if torch.is_inference_mode_enabled():
+        modes.append(torch.inference_mode())
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            modes.append(torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type)))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        modes.append(torch.cuda.device(torch.cuda.current_device()))
+        modes.append(torch.cuda.stream(torch.cuda.current_stream()))
+    return modes
+
+
+@contextlib.contextmanager
+def _entered(modes: list):
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield
+
+
+#: ops that select or reorder by value: what they return jumps when a value crosses another or a
+#: threshold, so within-tolerance rounding before them can change their result
+_SELECTING = {"topk", "sort", "argsort", "argmax", "argmin", "kthvalue", "mode", "nms", "gt", "lt", "ge", "le"}
+#: these select only in their overload with a dimension (max.dim returns indices; max() is continuous)
+_SELECTING_WITH_DIM = {"max", "min", "median", "nanmedian"}
+
+
+class _SelectionOps(TorchDispatchMode):
+    """Records which ops that select or reorder by floating-point values run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name, overload = func.overloadpacket.__name__, func._overloadname
+        if name in _SELECTING or (name in _SELECTING_WITH_DIM and overload.startswith("dim")):
+            if any(t.is_floating_point() for t in _tensors((args, kwargs or {}))):
+                self.seen.add(name)
+        return func(*args, **(kwargs or {}))
+
+
 def _graph_probe(value, key):
     run = getattr(_local, "run", None)
     return value if run is None else run.probe(key, value)
@@ -581,14 +634,14 @@ class _Lockstep:
                 if self.stopped:
                     raise _Stop
 
-    def _reference_thread(self, model, args, kwargs) -> None:
+    def _reference_thread(self, model, args, kwargs, modes) -> None:
         _local.run = _Run(self, "reference")
         try:
             with self.cv:
                 self.cv.wait_for(lambda: self.turn == "reference" or self.stopped)
                 if self.stopped:
                     return
-            with torch.no_grad():
+            with torch.no_grad(), _entered(modes):
                 self.reference_result = _call(model, "reference", args, kwargs)
         except _Stop:
             pass
@@ -658,9 +711,11 @@ class _Lockstep:
         try:
             for side, role in zip(self.plan.sides, ("reference", "candidate")):
                 runnable.append(self._instrument(side, role, handles))
-            thread = threading.Thread(target=self._reference_thread, args=(runnable[0], *_copy_inputs(args, kwargs)),
+            thread = threading.Thread(target=self._reference_thread,
+                                      args=(runnable[0], *_copy_inputs(args, kwargs), _thread_modes()),
                                       name="fxlop-verify-reference", daemon=True)
             thread.start()
+            outer_run = getattr(_local, "run", None)
             _local.run = _Run(self, "candidate")
             try:
                 try:
@@ -671,9 +726,11 @@ class _Lockstep:
                     self.draining = True  # if the reference fails on the inputs too, that is the error to report
                     self._finish_reference()
                     raise (self.reference_error or error) from None
+                # nothing takes the reference's values any more: it only runs to its end
+                self.draining = True
                 self._finish_reference()
             finally:
-                _local.run = None
+                _local.run = outer_run
                 with self.cv:
                     self.stopped = True
                     self._hand_to("reference")

@@ -57,11 +57,22 @@ def test_exact_retinanet_expansion_passes_though_its_boxes_are_reordered(retinan
     model, expanded, images = retinanet
     with torch.no_grad():
         assert len(model(images)[0]["boxes"]) == 100
-    # the final outputs alone: selection turned rounding into different boxes (the failure)
-    with pytest.raises(fxlop.EquivalenceError, match=r"output\[0\]\['(boxes|scores|labels)'\]"):
+    # the final outputs alone: here selection turns rounding into different boxes (the failure).
+    # Whether it does depends on the last digits, so on the CPU's kernels: where it does not, the
+    # reordering is still covered exactly by test_verify's test_exact_layers_pass_when_selection_reorders_the_outputs
+    try:
         fxlop.verify(model, expanded, (images,), layers=False)
-    with pytest.warns(UserWarning, match=r"every compared module agreed \(\d+ module outputs\).*select or reorder"):
+        reordered = False
+    except fxlop.EquivalenceError as error:
+        assert re.search(r"output\[0\]\['(boxes|scores|labels)'\]", str(error)), error
+        reordered = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert fxlop.verify(model, expanded, (images,)) <= FP32_RTOL
+    said = [str(w.message) for w in caught if "every compared module agreed" in str(w.message)]
+    assert bool(said) == reordered, said
+    if reordered:
+        assert re.search(r"select or reorder by floating-point values \(.*(topk|nms)", said[0]), said[0]
 
 
 @pytest.mark.parametrize("detector", ["retinanet", "ssdlite"])

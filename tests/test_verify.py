@@ -1,4 +1,5 @@
 import collections
+import copy
 
 import pytest
 import torch
@@ -309,6 +310,35 @@ def test_exact_layers_pass_when_selection_reorders_the_outputs():
         fxlop.verify(reference, candidate, x, layers=False)
     with pytest.warns(UserWarning, match=r"every compared module agreed.*select or reorder"):
         assert 0 < fxlop.verify(reference, candidate, x) < 1e-5
+
+
+def test_error_that_grows_through_agreeing_layers_fails_without_selection():
+    """Each layer within tolerance of its own largest value, yet wrong on a small channel that
+    BatchNorm then scales up: with no op that selects or reorders, that end-to-end difference fails."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        reference[0].weight[3].mul_(1e-3)
+        reference[0].bias[3] = 0.0
+        reference[1].running_var.copy_(torch.tensor([1.0, 1.0, 1.0, 1e-6]))
+    candidate = copy.deepcopy(reference)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        candidate[0].bias[3] += 0.5e-5 * reference[0](x).abs().max()  # half the fp32 tolerance of layer 0
+        assert relative_error(candidate(x), reference(x)) > 1e-4
+    with pytest.raises(fxlop.EquivalenceError):
+        fxlop.verify(reference, candidate, x)
+
+
+def test_the_reference_runs_under_the_callers_autocast_and_inference_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # both sides in bf16, compared at bf16's tolerance
+        assert fxlop.verify(model, twin, x) == 0.0
+    with torch.inference_mode():  # the in-place ReLU writes into an inference tensor in both threads alike
+        assert fxlop.verify(model, twin, x) == 0.0
 
 
 def test_a_difference_outside_the_layers_names_the_module_that_contains_it():
