@@ -66,7 +66,7 @@ def _row(action: argparse.Action) -> str:
         default = ""
     else:
         default = f"`{' '.join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default}`"
-    text = (action.help or "") % {"default": action.default} if action.help and "%(" in action.help else action.help or ""
+    text = (action.help or "") % {**vars(action), "prog": "fxlop"} if action.help and "%(" in action.help else action.help or ""
     return f"| {flag} | {default} | {_cell(text)} |"
 
 
