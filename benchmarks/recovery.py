@@ -60,7 +60,9 @@ class Method:
     name: str
     lop: bool = False
     sp: bool = False
+    kd: bool = False  # Hinton's logit distillation from the dense model
     lr: float = 0.05
+    schedule: str = "cosine"
     expansion: float = 4
     pointwise_expansion: float | None = POINTWISE_EXPANSION  # r of 1x1 convs and linears (None: expansion)
     depth: int = 3
@@ -74,13 +76,16 @@ class Method:
     taps: str = "layers"  # "layers": every conv/linear; "stages": the residual stage outputs
     tap_reduction: str = "mean"
     sp_weighting: str = "absolute"  # "relative": gamma is the SP / cross-entropy ratio on the first batch
+    kd_weight: float = 0.5
+    kd_temperature: float = 4.0
     weight_decay: float = 5e-4
     fuse_at: float | None = None  # LOP: fuse after this share of the epochs, finish the schedule fused
     rounds: int = 1  # prune -> fine-tune cycles to reach the ratio, the epochs split over them
 
     def train_config(self, **extra) -> fxlop.TrainConfig:
         """The fine-tuning settings of this method (``extra``: seed, epochs, schedule), checked."""
-        config = fxlop.TrainConfig(lr=self.lr, weight_decay=self.weight_decay,
+        config = fxlop.TrainConfig(lr=self.lr, weight_decay=self.weight_decay, schedule=self.schedule,
+                                   kd_weight=self.kd_weight if self.kd else 0.0, kd_temperature=self.kd_temperature,
                                    factor_weight_decay=self.factor_weight_decay, factor_lr_scale=self.factor_lr_scale,
                                    factor_lr=self.factor_lr, gamma=self.gamma if self.sp else 0.0, taps=_taps(self),
                                    tap_reduction=self.tap_reduction, sp_weighting=self.sp_weighting, **extra)
@@ -244,7 +249,7 @@ def _finetune_pruned(pruned: nn.Module, method: Method, setup: Setup, seed: int,
 def _train(model, loader, method: Method, setup: Setup, seed: int, dense, **schedule) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fxlop.finetune(model, loader, teacher=dense if method.sp else None,
+        return fxlop.finetune(model, loader, teacher=dense if method.sp or method.kd else None,
                               config=method.train_config(seed=seed, **schedule), device=setup.device,
                               progress=False).history
 

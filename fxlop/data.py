@@ -71,6 +71,12 @@ class TensorImages(Dataset):
         size = tuple(images.shape[-2:])
         self.augment = T.RandomCrop(size, padding=shift, fill=background) if shift else None
 
+    @property
+    def fixed_inputs(self) -> bool:
+        """True without augmentation: an index always gives the same input (a teacher's outputs for it
+        can be kept, see :func:`fxlop.train.fixed_inputs`)."""
+        return self.augment is None
+
     def __len__(self) -> int:
         return len(self.labels)
 

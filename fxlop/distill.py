@@ -37,6 +37,37 @@ def similarity_loss(f_student: Tensor, f_teacher: Tensor) -> Tensor:
         return (g_teacher - g_student).pow(2).sum() / (b * b)
 
 
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton's logit distillation (Hinton, Vinyals and Dean, 2015): ``T^2 KL(p_teacher || p_student)``
+    with both distributions softened by the temperature ``T``, averaged over the inputs (and, for
+    outputs ``(N, C, d...)`` with a class per position, over the positions).
+
+    The ``T^2`` keeps the gradient's scale independent of ``T``.  Computed in float32 at least.
+
+    Args:
+        student_logits: ``(N, C)`` or ``(N, C, d...)`` logits of the student.
+        teacher_logits: the teacher's, of the same shape (no gradient flows into them).
+        temperature: ``T > 0``.
+
+    Returns:
+        The loss, a scalar.
+
+    Raises:
+        FxlopError: shapes that differ, or a temperature that is not > 0.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise FxlopError(f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    if not temperature > 0:
+        raise FxlopError(f"kd_loss: temperature must be > 0, got {temperature!r}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        student = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+        teacher = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
+        per_position = (teacher.exp() * (teacher - student)).sum(1)  # KL over the classes
+        return temperature ** 2 * per_position.mean()
+
+
 def _normalized_gram(features: Tensor) -> Tensor:
     q = features.reshape(features.shape[0], -1)
     return F.normalize(q @ q.T, p=2, dim=1)

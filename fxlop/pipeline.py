@@ -28,14 +28,14 @@ from . import models
 from .core import expand, fuse
 from .errors import FxlopError
 from .io import UMASK, check_directory_writable, check_file, check_writable, same_file, save
+from .methods import METHODS
 from .prune import IMPORTANCES, prune_steps
 from .reporting import plot_curves, table, write_json
 from .train import TrainConfig, check_device, evaluate, finetune, init_distributed, setting
 from .verify import verify
 
-METHODS = ("auto", "vanilla", "sp", "lop", "lop_sp")
-LOP_METHODS = ("lop", "lop_sp")
-SP_METHODS = ("sp", "lop_sp")
+#: what ``--method`` accepts: ``auto`` and every method
+METHOD_NAMES = ("auto", *METHODS)
 #: what ``--method auto`` fine-tunes and chooses from on the validation split
 AUTO_CANDIDATES = ("vanilla", "sp", "lop_sp")
 #: the model ``fxlop run`` uses for each embedded dataset unless ``--model`` says otherwise
@@ -62,7 +62,7 @@ class ExpandOptions:
 
 def _run_training() -> TrainConfig:
     """The fine-tuning settings of ``fxlop run`` by default: the recovery study's choices."""
-    return TrainConfig(epochs=10, lr=0.05, gamma=0.3, sp_weighting="relative")
+    return TrainConfig(epochs=10, lr=0.05, gamma=0.3, sp_weighting="relative", kd_weight=0.5)
 
 
 @dataclasses.dataclass
@@ -93,9 +93,9 @@ class RunSettings:
     rounds: int = setting(1, "rounds of prune -> fine-tune -> fuse to reach --ratio, the budget split over them")
     method: str = setting("auto", "auto: fine-tune every --candidates method and deploy the best on the validation "
                                   "split; otherwise that method (vanilla always runs beside it, for comparison)",
-                          choices=METHODS)
+                          choices=METHOD_NAMES)
     candidates: list[str] = setting(list(AUTO_CANDIDATES), "the methods --method auto compares",
-                                    choices=METHODS[1:])
+                                    choices=tuple(METHODS))
     dense_epochs: int = setting(15, "epochs of training the dense model (without --weights)")
     dense_lr: float = setting(0.1, "learning rate of the dense training")
     batch_size: int = setting(128, "batch size")
@@ -123,9 +123,9 @@ class RunSettings:
         return [share] * (self.rounds - 1) + [share + extra]
 
     def train_config(self, method: str, epochs: int | None = None) -> TrainConfig:
-        """The fine-tuning settings of ``method`` (SP methods distill; the others do not)."""
-        return dataclasses.replace(self.train, epochs=self.train.epochs if epochs is None else epochs,
-                                   gamma=self.train.gamma if method in SP_METHODS else 0.0, seed=self.seed)
+        """The fine-tuning settings of ``method`` (its losses, see :meth:`fxlop.methods.Method.train_config`)."""
+        return METHODS[method].train_config(self.train, epochs=self.train.epochs if epochs is None else epochs,
+                                            seed=self.seed)
 
     def check(self) -> None:
         """Validate every setting before any work starts.
@@ -137,11 +137,11 @@ class RunSettings:
         problems = []
         if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
             problems.append(f"--ratio must be in (0, 1), got {self.ratio}")
-        if self.method not in METHODS:
-            problems.append(f"--method must be one of {METHODS}, got {self.method!r}")
-        unknown = [c for c in self.candidates if c not in METHODS or c == "auto"]
+        if self.method not in METHOD_NAMES:
+            problems.append(f"--method must be one of {METHOD_NAMES}, got {self.method!r}")
+        unknown = [c for c in self.candidates if c not in METHODS]
         if unknown or not self.candidates:
-            problems.append(f"--candidates must name methods among {METHODS[1:]}, got {self.candidates}")
+            problems.append(f"--candidates must name methods among {tuple(METHODS)}, got {self.candidates}")
         if self.method == "auto" and not self.val_fraction:
             problems.append("--method auto chooses on a validation split: --val-fraction must be > 0")
         for name in ("batch_size", "iterative_steps", "rounds"):
@@ -593,7 +593,7 @@ def _finetune_methods(settings, epochs, dense, pruned, train_loader, val_loader,
     """Every method of the run fine-tuned from ``pruned`` for ``epochs``; LOP methods start from one
     expansion, made before anything trains so that a refused expansion costs nothing."""
     expanded = None
-    if any(m in LOP_METHODS for m in settings.methods):
+    if any(METHODS[m].lop for m in settings.methods):
         expanded = expand(pruned, **dataclasses.asdict(settings.expand), seed=settings.seed)
         plan = expanded.meta["fxlop"]["expand"]
         say(f"expanded {len(plan['expanded'])} layers: {plan['params_before']:,} -> {plan['params_after']:,} "
@@ -601,7 +601,7 @@ def _finetune_methods(settings, epochs, dense, pruned, train_loader, val_loader,
     results = {}
     for method in settings.methods:
         say(f"fine-tuning: {method}, {epochs} epochs")
-        student = copy.deepcopy(expanded if method in LOP_METHODS else pruned)
+        student = copy.deepcopy(expanded if METHODS[method].lop else pruned)
         results[method] = _finetune_method(method, settings, epochs, dense, pruned, student, train_loader,
                                            val_loader, test_loader, example, device, progress,
                                            out / f"{method}{suffix}.jsonl")
@@ -610,7 +610,7 @@ def _finetune_methods(settings, epochs, dense, pruned, train_loader, val_loader,
 
 def _finetune_method(method, settings, epochs, dense, pruned, student, train_loader, val_loader, test_loader,
                      example, device, progress, log_path) -> dict:
-    lop = method in LOP_METHODS
+    lop = METHODS[method].lop
     began = time.perf_counter()
     result = finetune(student, train_loader, teacher=dense, val_loader=val_loader or test_loader,
                       config=settings.train_config(method, epochs), device=device, progress=progress,

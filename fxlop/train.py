@@ -9,6 +9,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -18,20 +19,21 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from .passes.dynamics import factor_gains
 from .passes.expanded import ExpandedLayer
 
-from .distill import Distiller, distiller
+from .distill import Distiller, distiller, kd_loss
 from .errors import FxlopError
 from .io import check_file, check_writable, save, write_text
 
 CHECKPOINT_FORMAT = "fxlop-checkpoint/2"
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+#: per-epoch schedules (closed forms over the schedule's length) and torch's OneCycleLR, stepped per batch
+SCHEDULES = ("cosine", "step", "multistep", "constant", "onecycle")
 FACTOR_LRS = ("uniform", "normalized")
 SP_WEIGHTINGS = ("absolute", "relative")
 
@@ -63,6 +65,17 @@ class TrainConfig:
     ``gamma`` a ratio: the SP term is scaled once, on the first training batch, to ``gamma`` times
     the cross-entropy there, so one value means the same on any model and dataset.
 
+    ``kd_weight`` > 0 adds Hinton's logit distillation from the teacher
+    (:func:`fxlop.distill.kd_loss` at ``kd_temperature``): the loss is ``(1 - kd_weight) * CE +
+    kd_weight * KD (+ gamma * SP)``.  Without SP, the teacher's logits are computed once, in the first
+    epoch, when the loader's dataset draws no augmentation (:func:`fixed_inputs`).
+
+    Schedules: ``cosine`` (to 0), ``step`` (times ``step_gamma`` every ``step_size`` epochs),
+    ``multistep`` (times ``step_gamma`` at each of the ``milestones``, shares of the schedule: the
+    pruning papers' 60 % and 80 %), ``constant``, and ``onecycle``, torch's ``OneCycleLR`` stepped
+    every batch: a warm-up over ``warmup_fraction`` of the schedule from ``lr / 25`` to ``lr`` (each
+    parameter group to its own rate), then a cosine anneal to ``lr / 25e4``; momentum stays fixed.
+
     ``schedule_epochs`` (default ``epochs``) is the length of the learning-rate schedule and
     ``schedule_start`` the epoch of it this run begins at, so that two runs can share one schedule
     (fine-tune an expanded model for the first part, fuse it, finish the schedule on the fused model).
@@ -82,7 +95,13 @@ class TrainConfig:
     schedule_epochs: int | None = setting(None, "length of the schedule (default: epochs)", cli=False)
     schedule_start: int = setting(0, "epoch of the schedule this run starts at", cli=False)
     step_size: int = setting(30, "epochs between the step schedule's decays")
-    step_gamma: float = setting(0.1, "the step schedule's decay factor")
+    step_gamma: float = setting(0.1, "the decay factor of the step and multistep schedules")
+    milestones: list[float] = setting([0.6, 0.8], "multistep: the shares of the schedule at which the rate decays "
+                                                  "by --step-gamma")
+    warmup_fraction: float = setting(0.3, "onecycle: the share of the schedule spent warming up to --lr")
+    kd_weight: float = setting(0.0, "weight of Hinton's logit distillation from the teacher (the cross-entropy "
+                                    "gets 1 - weight; 0: none)")
+    kd_temperature: float = setting(4.0, "temperature of the logit distillation")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
     gamma: float = setting(0.0, "weight of the SP distillation loss")
     taps: list[str] | None = setting(None, "layer names or globs for SP (default: every conv/linear layer)")
@@ -111,6 +130,17 @@ class TrainConfig:
                             f"schedule ({self.total_schedule_epochs} epochs)")
         if self.sp_weighting not in SP_WEIGHTINGS:
             problems.append(f"sp_weighting must be one of {SP_WEIGHTINGS}, got {self.sp_weighting!r}")
+        if not (isinstance(self.kd_weight, (int, float)) and 0 <= self.kd_weight <= 1):
+            problems.append(f"kd_weight must be in [0, 1], got {self.kd_weight!r}")
+        if not (isinstance(self.kd_temperature, (int, float)) and math.isfinite(self.kd_temperature)
+                and self.kd_temperature > 0):
+            problems.append(f"kd_temperature must be a finite number > 0, got {self.kd_temperature!r}")
+        if not (isinstance(self.warmup_fraction, (int, float)) and 0 < self.warmup_fraction < 1):
+            problems.append(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction!r}")
+        if not (isinstance(self.milestones, (list, tuple)) and all(
+                isinstance(m, (int, float)) and 0 < m < 1 for m in self.milestones)
+                and list(self.milestones) == sorted(self.milestones)):
+            problems.append(f"milestones must be increasing shares of the schedule in (0, 1), got {self.milestones!r}")
         for name in ("lr", "weight_decay", "gamma", "factor_lr_scale", "momentum"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -186,7 +216,10 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
     config.check()
     if config.gamma > 0 and teacher is None:
         raise FxlopError("gamma > 0 needs a teacher for the SP loss")
+    if config.kd_weight > 0 and teacher is None:
+        raise FxlopError("kd_weight > 0 needs a teacher for the logit distillation")
     _check_loader(train_loader, "train_loader")
+    steps_per_epoch = _steps_per_epoch(train_loader) if config.schedule == "onecycle" else None
     if val_loader is not None:
         _check_loader(val_loader, "val_loader")
     for name, path in (("log_path", log_path), ("checkpoint_path", checkpoint_path)):
@@ -204,11 +237,15 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
         kd.scale = None if config.sp_weighting == "relative" else 1.0
         kd.teacher.to(device)
         forward_model = kd.student
+    logit_teacher = None
+    if config.kd_weight > 0:
+        logit_teacher = TeacherLogits(kd.teacher if kd is not None else _frozen(teacher, device),
+                                      cache=kd is None and fixed_inputs(getattr(train_loader, "dataset", None)))
     if world > 1:
         _require_distributed_sampler(train_loader, "train_loader")
         forward_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _optimizer(model, config)
-    scheduler = _scheduler(optimizer, config)
+    scheduler = _scheduler(optimizer, config, steps_per_epoch)
     history: list[dict] = []
     start = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
@@ -224,10 +261,12 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
                   initial=start, total=config.epochs)
     for epoch in epochs:
         began = time.perf_counter()
-        metrics = _train_epoch(forward_model, kd, train_loader, optimizer, config, device, epoch, show)
+        metrics = _train_epoch(forward_model, kd, logit_teacher, train_loader, optimizer,
+                               scheduler if steps_per_epoch else None, config, device, epoch, show)
         if world > 1:
             _average_buffers(model, world)
-        scheduler.step()
+        if not steps_per_epoch:
+            scheduler.step()
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], **metrics}
         if kd is not None:
             record["sp_scale"] = kd.scale
@@ -343,14 +382,17 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     return payload
 
 
-def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, show) -> dict[str, float]:
+def _train_epoch(forward_model, kd, logit_teacher, loader, optimizer, batch_scheduler, config, device, epoch,
+                 show) -> dict[str, float]:
     forward_model.train()
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
-    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, ce, sp, correct, count (sums)
-    batches = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=_disable(show))
-    for index, batch in enumerate(batches):
+    totals = torch.zeros(6, dtype=torch.float64, device=device)  # loss, ce, sp, kd, correct, count (sums)
+    source = logit_teacher.batches(loader) if logit_teacher is not None else ((b, None) for b in loader)
+    batches = tqdm(source, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=_disable(show),
+                   total=_length(loader))
+    for index, (batch, indices) in enumerate(batches):
         where = f"train_loader, epoch {epoch + 1}, batch {index + 1}"
         x, loaded = _batch(batch, where)
         x, y = _to_device(x, device, non_blocking=True), loaded.to(device, non_blocking=True)
@@ -360,28 +402,149 @@ def _train_epoch(forward_model, kd, loader, optimizer, config, device, epoch, sh
             _check_labels(logits, y, where, loaded)
             ce = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             sp = torch.zeros((), device=device)
+            distilled = torch.zeros((), device=device)
+            teacher_output = None
             if kd is not None:
-                sp = kd.loss(output[1], _call(kd.teacher_taps, x))
+                teacher_output = _call(kd.teacher, x)
+                sp = kd.loss(output[1], teacher_output[1])
                 if kd.scale is None:  # relative weighting: fixed on the first batch
                     kd.scale = _relative_sp_scale(ce, sp)
-            loss = ce + config.gamma * (kd.scale if kd is not None else 1.0) * sp
+            if logit_teacher is not None:
+                teacher_logits = logit_teacher.logits(x, indices, teacher_output)
+                distilled = kd_loss(logits, teacher_logits, config.kd_temperature)
+            loss = ((1 - config.kd_weight) * ce + config.kd_weight * distilled
+                    + config.gamma * (kd.scale if kd is not None else 1.0) * sp)
         if not torch.isfinite(loss):
             raise FxlopError(f"the loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate or gamma")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
         n = len(y)
         totals += torch.stack([loss.detach().double() * n, ce.detach().double() * n, sp.detach().double() * n,
-                               _correct(logits, y), torch.tensor(n, device=device).double()])
+                               distilled.detach().double() * n, _correct(logits, y),
+                               torch.tensor(n, device=device).double()])
     if dist.is_initialized():
         dist.all_reduce(totals)
-    loss, ce, sp, correct, count = totals.tolist()
+    loss, ce, sp, distilled, correct, count = totals.tolist()
     if count == 0:
         raise FxlopError(f"train_loader yielded no samples in epoch {epoch + 1}")
-    return {"train_loss": loss / count, "train_ce": ce / count, "train_sp": sp / count,
+    return {"train_loss": loss / count, "train_ce": ce / count, "train_sp": sp / count, "train_kd": distilled / count,
             "train_accuracy": correct / count, "samples": int(count)}
 
 
+def _length(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def fixed_inputs(dataset) -> bool:
+    """Whether ``dataset`` gives the same inputs every time an index is read (draws no augmentation):
+    a ``TensorDataset``, a dataset whose ``fixed_inputs`` attribute is true (fxlop's embedded data
+    without augmentation), or a ``Subset`` of one.
+
+    Args:
+        dataset: a loader's dataset (or None).
+
+    Returns:
+        True where the teacher's outputs for an index can be computed once and kept.
+    """
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorDataset) or getattr(dataset, "fixed_inputs", False) is True
+
+
+class TeacherLogits:
+    """The teacher's logits for logit distillation, computed on every batch or, with ``cache``, once per
+    input: in the first epoch, kept (float32, on the training device) by dataset index for the next.
+
+    The cached run reads the same batches in the same order: the loader is re-made around a dataset
+    that also returns each input's index, with the loader's own batch sampler, collate function,
+    workers and generator (so its RNG draws are the loader's).
+    """
+
+    #: the most elements of teacher outputs kept (1 GiB of float32): above, logits are computed every batch
+    MAX_CACHED = 2 ** 28
+
+    def __init__(self, teacher: nn.Module, *, cache: bool):
+        self.teacher, self.cache = teacher, cache
+        self.size = 0
+        self.store: torch.Tensor | None = None
+        self.filled: torch.Tensor | None = None
+
+    def batches(self, loader):
+        """``(batch, indices)`` pairs of one epoch of ``loader`` (indices None when nothing is cached)."""
+        if not (self.cache and isinstance(loader, DataLoader) and loader.batch_sampler is not None):
+            yield from ((b, None) for b in loader)
+            return
+        collate, self.size = loader.collate_fn, len(loader.dataset)
+        indexed = DataLoader(_Indexed(loader.dataset), batch_sampler=loader.batch_sampler,
+                             num_workers=loader.num_workers, collate_fn=lambda items: (
+                                 collate([item for item, _ in items]), torch.tensor([i for _, i in items])),
+                             pin_memory=loader.pin_memory, timeout=loader.timeout,
+                             worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                             prefetch_factor=loader.prefetch_factor, persistent_workers=False)
+        yield from indexed
+
+    def logits(self, x, indices: torch.Tensor | None, teacher_output=None) -> torch.Tensor:
+        """The teacher's float32 logits for the inputs ``x`` (of dataset ``indices``)."""
+        if teacher_output is not None:
+            return _logits(teacher_output).float()
+        if indices is None or not self.cache:
+            return self._run(x)
+        if self.store is not None and bool(self.filled[indices.to(self.filled.device)].all()):
+            return self.store[indices.to(self.store.device)]
+        values = self._run(x)
+        if self.store is None:
+            if self.size * values[0].numel() > self.MAX_CACHED:
+                self.cache = False
+                return values
+            self.store = values.new_zeros((self.size, *values.shape[1:]))
+            self.filled = torch.zeros(self.size, dtype=torch.bool, device=values.device)
+        where = indices.to(values.device)
+        self.store[where] = values
+        self.filled[where] = True
+        return values
+
+    def _run(self, x) -> torch.Tensor:
+        with torch.no_grad():
+            return _logits(_call(self.teacher, x)).float()  # a tapped teacher's (output, taps) included
+
+
+class _Indexed(Dataset):
+    """A dataset's items with their indices: ``(dataset[i], i)``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index], index
+
+
+def _frozen(teacher, device) -> nn.Module:
+    """The teacher whose logits are distilled: a distiller's tapped teacher as it is, else a frozen copy
+    in eval mode (the caller's teacher is not touched)."""
+    if isinstance(teacher, Distiller):
+        return teacher.teacher.to(device)
+    frozen = copy.deepcopy(teacher).eval().to(device)
+    for param in frozen.parameters():
+        param.requires_grad_(False)
+    return frozen
+
+
+def _steps_per_epoch(loader) -> int:
+    """The batches of one epoch, which a per-batch schedule (onecycle) needs in advance."""
+    steps = _length(loader)
+    if not steps:
+        raise FxlopError("schedule 'onecycle' steps every batch and needs a train_loader with a length "
+                         "(len(loader)); use another schedule for an iterable without one")
+    return steps
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The inputs classified right; with a class per position, each input's fraction of right positions."""
     return (logits.argmax(1) == y).double().reshape(len(y), -1).mean(1).sum()
@@ -592,9 +755,21 @@ def _fused_supported(params) -> bool | None:
     return None
 
 
-def _scheduler(optimizer, config: TrainConfig):
-    """Per-epoch learning-rate factors of the schedule, from epoch ``schedule_start`` of it on."""
+def _scheduler(optimizer, config: TrainConfig, steps_per_epoch: int | None = None):
+    """The learning-rate schedule from epoch ``schedule_start`` of it on: torch's ``OneCycleLR`` stepped
+    every batch (``steps_per_epoch`` of them), else per-epoch factors (``LambdaLR``) in closed form,
+    so that a run can start part-way through a schedule."""
     total, start = config.total_schedule_epochs, config.schedule_start
+    if config.schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total * steps_per_epoch,
+            pct_start=config.warmup_fraction, cycle_momentum=False)
+        with warnings.catch_warnings():  # stepping before any optimizer step is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start * steps_per_epoch):
+                scheduler.step()
+        return scheduler
+    milestones = [round(m * total) for m in config.milestones]
 
     def factor(epoch: int) -> float:
         at = epoch + start
@@ -602,6 +777,8 @@ def _scheduler(optimizer, config: TrainConfig):
             return 0.5 * (1 + math.cos(math.pi * min(at, total) / total))
         if config.schedule == "step":
             return config.step_gamma ** (at // config.step_size)
+        if config.schedule == "multistep":  # MultiStepLR's closed form, milestones as shares of the schedule
+            return config.step_gamma ** sum(at >= m for m in milestones)
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
