@@ -13,6 +13,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import common  # noqa: E402
 import mechanism  # noqa: E402
 import recovery  # noqa: E402
+import retraining  # noqa: E402
 import speed  # noqa: E402
 import zoo  # noqa: E402
 
@@ -117,3 +118,39 @@ def test_rounds_study_quick_run(results_dir):
     assert set(rows) == {("vanilla", 1), ("vanilla", 2), ("lop_sp", 1), ("lop_sp", 2)}
     assert len({r["params"] for r in rows.values()}) == 1  # every way ends at the one-shot widths
     assert (results_dir / "recovery_rounds_quick.md").read_text() == recovery.rounds_markdown(result) + "\n"
+
+
+def test_paired_difference_is_the_mean_with_its_t_interval():
+    d = retraining.paired([91.0, 92.0, 93.0], [90.0, 90.0, 90.0])
+    half = 4.30265272974946 / 3 ** 0.5  # t(0.975, 2) = 4.30265 (tables), times sd 1 / sqrt(3)
+    assert (d["mean"], d["n"]) == (2.0, 3)
+    assert d["low"] == pytest.approx(2 - half, rel=1e-12) and d["high"] == pytest.approx(2 + half, rel=1e-12)
+    assert retraining._interval(d).startswith("+2.0 [") and not retraining._interval(d).startswith("**")
+    assert retraining._interval(retraining.paired([3.0, 3.1, 2.9], [0.0, 0.0, 0.0])).startswith("**+3.0")
+
+
+def test_retraining_quick_run_pairs_every_method_and_resumes(results_dir, monkeypatch):
+    args = ["--quick", "--workers", "1", "--datasets", "mnist1d", "--recipes", "vanilla", "lop", "kd"]
+    result = retraining.main(args)
+    row = result["results"][0]["rows"][0]
+    assert set(row["methods"]) == {"vanilla", "lop", "kd", "vanilla@constant", "lop@constant", "control@constant",
+                                   "vanilla@multistep", "lop@multistep", "control@multistep"}
+    assert row["methods"]["vanilla"]["to_vanilla"] is None
+    assert all(m["to_vanilla"]["n"] == 2 for n, m in row["methods"].items() if n != "vanilla")
+    assert all(m["lr"] == 0.01 and m["settings"]["factor_lr_scale"] == 1.0
+               for n, m in row["methods"].items() if n.startswith(("vanilla@", "lop@")))
+    assert row["control_lr"] == pytest.approx(0.01 * row["median_gain"], rel=1e-3) and row["median_gain"] > 1
+    assert row["equal"]["vanilla"]["epochs"] == 2  # --quick: vanilla's budget is 2 epochs
+    table = (results_dir / "retraining_quick.md").read_text()
+    assert table == retraining.markdown(result) + "\n" and "FT (vanilla at a constant 0.01)" in table
+    runs = (results_dir / "retraining_quick_runs.jsonl").read_text().splitlines()
+    monkeypatch.setattr(retraining.recovery, "run_one", lambda job: pytest.fail("--resume ran a finished run"))
+    again = retraining.main([*args, "--resume"])
+    assert again["results"][0]["rows"] == json.loads(json.dumps(result["results"][0]["rows"]))
+    assert (results_dir / "retraining_quick_runs.jsonl").read_text().splitlines() == runs
+
+
+def test_retraining_refuses_reporting_the_sweep_seeds(capsys):
+    with pytest.raises(SystemExit):
+        retraining.main(["--seeds", "100", "1", "--sweep-seeds", "100"])
+    assert "never reported" in capsys.readouterr().err

@@ -67,6 +67,20 @@ def test_run_on_mnist1d_with_an_explicit_method(tmp_path):
     assert sum(p.numel() for p in deployed.parameters()) == report["params"]["pruned"] == 4_113
 
 
+def test_run_with_logit_distillation_and_onecycle(tmp_path):
+    code, out, err = _cli("run", "--dataset", "mnist1d", "--method", "kd", "--schedule", "onecycle", "--epochs", 2,
+                          "--kd-weight", 0.6, "--kd-temperature", 3, "--dense-epochs", 1, "--out", tmp_path, "--quiet")
+    assert code == 0, err[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["methods"]) == {"kd", "vanilla"} and report["deployed"] == "kd"
+    kd, vanilla = report["methods"]["kd"]["history"], report["methods"]["vanilla"]["history"]
+    assert all(r["train_kd"] > 0 for r in kd) and all(r["train_kd"] == 0 for r in vanilla)  # only kd distills
+    assert (report["settings"]["train"]["kd_weight"], report["settings"]["train"]["schedule"]) == (0.6, "onecycle")
+    # onecycle: warmed up to --lr (0.05, the run's default) within the first epoch, annealed by the end
+    assert 0.05 / 25 < kd[0]["lr"] <= 0.05 and kd[-1]["lr"] < 0.01 * kd[0]["lr"]
+    assert "fine-tuned: kd (deployed)" in out
+
+
 def test_run_in_rounds_reaches_the_one_shot_widths(tmp_path):
     code, out, err = _cli("run", "--rounds", 2, "--epochs", 3, "--dense-epochs", 1, "--ratio", 0.5, "--method", "lop",
                           "--out", tmp_path, "--quiet")
