@@ -37,7 +37,7 @@ import fxlop  # noqa: E402
 from fxlop import passes  # noqa: E402
 from fxlop.models import build_model  # noqa: E402
 from fxlop.prune import prune  # noqa: E402
-from fxlop.train import _optimizer  # noqa: E402
+from fxlop.optim import make_optimizer as _optimizer  # noqa: E402
 from fxlop.passes.expanded import BatchComposer, ExpandedLayer, KernelComposer  # noqa: E402
 
 #: the training configurations of part 1: name -> the model trained, built from the pruned one

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from .errors import FxlopError
-from .train import TrainConfig
+from .settings import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,15 +1,14 @@
-"""Fine-tuning: cross-entropy + gamma * SP loss, checkpoints that survive kill -9, DDP."""
+"""Fine-tuning: cross-entropy + gamma * SP loss (and logit distillation), the loop of :func:`finetune` with its
+batch and device checks, and :func:`evaluate`.  The settings, the optimizer and schedule, checkpoints and the
+distributed setup are in :mod:`fxlop.settings`, :mod:`fxlop.optim`, :mod:`fxlop.checkpoint` and
+:mod:`fxlop.distributed`; their public names are re-exported here for callers."""
 from __future__ import annotations
 
-import atexit
 import copy
 import dataclasses
 import json
-import math
 import os
-import random
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -23,138 +22,17 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from .passes.dynamics import factor_gains
-from .passes.expanded import ExpandedLayer
-
+from .checkpoint import CHECKPOINT_FORMAT, _gather_rng, _restore, _seed_everything, load_checkpoint, save_checkpoint
 from .distill import Distiller, distiller, kd_loss
+from .distributed import _average_buffers, _require_distributed_sampler, init_distributed
 from .errors import FxlopError
-from .io import check_file, check_writable, save, write_text
+from .io import check_writable, write_text
+from .optim import _steps_per_epoch, make_optimizer, make_scheduler, param_groups
+from .settings import FACTOR_LRS, OPTIMIZERS, SCHEDULES, SP_WEIGHTINGS, TrainConfig, setting
 
-CHECKPOINT_FORMAT = "fxlop-checkpoint/2"
-OPTIMIZERS = ("sgd", "adamw")
-#: per-epoch schedules (closed forms over the schedule's length) and torch's OneCycleLR, stepped per batch
-SCHEDULES = ("cosine", "step", "multistep", "constant", "onecycle")
-FACTOR_LRS = ("uniform", "normalized")
-SP_WEIGHTINGS = ("absolute", "relative")
-
-
-def setting(default, help: str, *, choices=None, cli: bool = True):
-    """A dataclass field of a settings class, with what a command line needs to offer it
-    (``fxlop.cli`` builds its flags from these)."""
-    metadata = {"help": help, "choices": choices, "cli": cli}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Settings of :func:`finetune` (also stored in checkpoints).
-
-    ``factor_weight_decay``/``factor_lr_scale``/``factor_lr`` apply to the factors of expanded layers
-    (found by identity, see :func:`param_groups`): ``factor_weight_decay=0`` leaves them out of
-    weight decay (decay on factors biases the product towards low rank); ``None`` means the same as
-    ``weight_decay``.  ``factor_lr="uniform"`` trains every factor at ``lr * factor_lr_scale``;
-    ``"normalized"`` divides each factor's rate further by the largest gain of its term in LOP's
-    preconditioner (:func:`passes.dynamics.factor_gains`), so that the update of the product no
-    longer depends on the arbitrary scale of the layer's weight.  The factors train at half the
-    base rate by default: a chain of factors moves its product faster than one weight at the same
-    rate (docs/theory.md, "How LOP changes the optimizer").
-    ``gamma`` weighs the SP loss over ``taps`` (names or globs, default every conv/linear layer),
-    averaged (or summed) over taps by ``tap_reduction``.  ``sp_weighting="relative"`` makes
-    ``gamma`` a ratio: the SP term is scaled once, on the first training batch, to ``gamma`` times
-    the cross-entropy there, so one value means the same on any model and dataset.
-
-    ``kd_weight`` > 0 adds Hinton's logit distillation from the teacher
-    (:func:`fxlop.distill.kd_loss` at ``kd_temperature``): the loss is ``(1 - kd_weight) * CE +
-    kd_weight * KD (+ gamma * SP)``.  Without SP, the teacher's logits are computed once, in the first
-    epoch, when the loader's dataset draws no augmentation (:func:`fixed_inputs`).
-
-    Schedules: ``cosine`` (to 0), ``step`` (times ``step_gamma`` every ``step_size`` epochs),
-    ``multistep`` (times ``step_gamma`` at each of the ``milestones``, shares of the schedule: the
-    pruning papers' 60 % and 80 %), ``constant``, and ``onecycle``, torch's ``OneCycleLR`` stepped
-    every batch: a warm-up over ``warmup_fraction`` of the schedule from ``lr / 25`` to ``lr`` (each
-    parameter group to its own rate), then a cosine anneal to ``lr / 25e4``; momentum stays fixed.
-
-    ``schedule_epochs`` (default ``epochs``) is the length of the learning-rate schedule and
-    ``schedule_start`` the epoch of it this run begins at, so that two runs can share one schedule
-    (fine-tune an expanded model for the first part, fuse it, finish the schedule on the fused model).
-    """
-
-    epochs: int = setting(10, "epochs of fine-tuning")
-    optimizer: str = setting("sgd", "optimizer", choices=OPTIMIZERS)
-    lr: float = setting(0.01, "base learning rate")
-    momentum: float = setting(0.9, "SGD momentum")
-    weight_decay: float = setting(5e-4, "weight decay")
-    factor_weight_decay: float | None = setting(None, "weight decay of the LOP factors (default: --weight-decay)")
-    factor_lr_scale: float = setting(0.5, "learning rate of the LOP factors relative to --lr (normalized: the "
-                                          "outer factors' largest gain)")
-    factor_lr: str = setting("uniform", "uniform: every factor at lr * scale; normalized: each divided by its gain in "
-                                        "LOP's preconditioner", choices=FACTOR_LRS)
-    schedule: str = setting("cosine", "learning-rate schedule", choices=SCHEDULES)
-    schedule_epochs: int | None = setting(None, "length of the schedule (default: epochs)", cli=False)
-    schedule_start: int = setting(0, "epoch of the schedule this run starts at", cli=False)
-    step_size: int = setting(30, "epochs between the step schedule's decays")
-    step_gamma: float = setting(0.1, "the decay factor of the step and multistep schedules")
-    milestones: list[float] = setting([0.6, 0.8], "multistep: the shares of the schedule at which the rate decays "
-                                                  "by --step-gamma")
-    warmup_fraction: float = setting(0.3, "onecycle: the share of the schedule spent warming up to --lr")
-    kd_weight: float = setting(0.0, "weight of Hinton's logit distillation from the teacher (the cross-entropy "
-                                    "gets 1 - weight; 0: none)")
-    kd_temperature: float = setting(4.0, "temperature of the logit distillation")
-    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy")
-    gamma: float = setting(0.0, "weight of the SP distillation loss")
-    taps: list[str] | None = setting(None, "layer names or globs for SP (default: every conv/linear layer)")
-    tap_reduction: str = setting("mean", "how the SP losses of the taps combine", choices=("sum", "mean"))
-    sp_weighting: str = setting("absolute", "relative: gamma is the SP / cross-entropy ratio on the first batch",
-                                choices=SP_WEIGHTINGS)
-    bf16: bool = setting(False, "bf16 autocast")
-    seed: int = setting(0, "seed of the run", cli=False)
-
-    def check(self) -> None:
-        problems = []
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            problems.append(f"epochs must be a positive integer, got {self.epochs!r}")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.factor_lr not in FACTOR_LRS:
-            problems.append(f"factor_lr must be one of {FACTOR_LRS}, got {self.factor_lr!r}")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.schedule_epochs is not None and not (isinstance(self.schedule_epochs, int) and self.schedule_epochs >= 1):
-            problems.append(f"schedule_epochs must be a positive integer or None, got {self.schedule_epochs!r}")
-        if not (isinstance(self.schedule_start, int) and self.schedule_start >= 0):
-            problems.append(f"schedule_start must be an integer >= 0, got {self.schedule_start!r}")
-        elif isinstance(self.epochs, int) and self.schedule_start + self.epochs > self.total_schedule_epochs:
-            problems.append(f"schedule_start + epochs ({self.schedule_start} + {self.epochs}) runs past the end of the "
-                            f"schedule ({self.total_schedule_epochs} epochs)")
-        if self.sp_weighting not in SP_WEIGHTINGS:
-            problems.append(f"sp_weighting must be one of {SP_WEIGHTINGS}, got {self.sp_weighting!r}")
-        if not (isinstance(self.kd_weight, (int, float)) and 0 <= self.kd_weight <= 1):
-            problems.append(f"kd_weight must be in [0, 1], got {self.kd_weight!r}")
-        if not (isinstance(self.kd_temperature, (int, float)) and math.isfinite(self.kd_temperature)
-                and self.kd_temperature > 0):
-            problems.append(f"kd_temperature must be a finite number > 0, got {self.kd_temperature!r}")
-        if not (isinstance(self.warmup_fraction, (int, float)) and 0 < self.warmup_fraction < 1):
-            problems.append(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction!r}")
-        if not (isinstance(self.milestones, (list, tuple)) and all(
-                isinstance(m, (int, float)) and 0 < m < 1 for m in self.milestones)
-                and list(self.milestones) == sorted(self.milestones)):
-            problems.append(f"milestones must be increasing shares of the schedule in (0, 1), got {self.milestones!r}")
-        for name in ("lr", "weight_decay", "gamma", "factor_lr_scale", "momentum"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                problems.append(f"{name} must be a finite number >= 0, got {value!r}")
-        if not 0 <= self.label_smoothing < 1:
-            problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        if self.tap_reduction not in ("sum", "mean"):
-            problems.append(f"tap_reduction must be 'sum' or 'mean', got {self.tap_reduction!r}")
-        if problems:
-            raise FxlopError("; ".join(problems))
-
-    @property
-    def total_schedule_epochs(self) -> int:
-        return self.epochs if self.schedule_epochs is None else self.schedule_epochs
+__all__ = ["finetune", "FinetuneResult", "evaluate", "check_device", "TeacherLogits", "fixed_inputs", "TrainConfig",
+           "setting", "param_groups", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT", "init_distributed",
+           "OPTIMIZERS", "SCHEDULES", "FACTOR_LRS", "SP_WEIGHTINGS"]
 
 
 @dataclasses.dataclass
@@ -244,8 +122,8 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
     if world > 1:
         _require_distributed_sampler(train_loader, "train_loader")
         forward_model = DistributedDataParallel(forward_model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = _optimizer(model, config)
-    scheduler = _scheduler(optimizer, config, steps_per_epoch)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     history: list[dict] = []
     start = 0
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
@@ -336,50 +214,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device |
     if count == 0:
         raise FxlopError("evaluate: the loader yielded no samples")
     return {"accuracy": correct / count, "loss": loss / count, "samples": int(count)}
-
-
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    """Save a checkpoint atomically: ``torch.save`` through :func:`fxlop.io.atomic_write`.
-
-    A temporary file in the same directory is fsynced and renamed over ``path``: readers (and a
-    resume after kill -9) see the old checkpoint or the new one, never a torn file.
-
-    Args:
-        path: the checkpoint file.
-        payload: what :func:`finetune` checkpoints (``format``, model and optimizer states, epoch, ...).
-
-    Raises:
-        OSError: the write failed (a full disk); the previous checkpoint is untouched.
-    """
-    save(payload, path)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
-    """Read a checkpoint written by :func:`finetune`.
-
-    Args:
-        path: the checkpoint file.
-        map_location: where tensors are loaded to, as for ``torch.load``.
-
-    Returns:
-        The checkpoint's payload.
-
-    Raises:
-        FxlopError: the file is missing, a directory, unreadable, not an fxlop checkpoint, or one of
-            another format version.
-    """
-    path = check_file(path, "checkpoint", "a checkpoint file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # torch.load raises many types on a corrupt file
-        raise FxlopError(f"checkpoint {path} is unreadable: {type(error).__name__}: {error}") from error
-    found = payload.get("format") if isinstance(payload, dict) else None
-    if isinstance(found, str) and found.startswith("fxlop-checkpoint/") and found != CHECKPOINT_FORMAT:
-        raise FxlopError(f"checkpoint {path} has format {found!r}, written by another version of fxlop; this "
-                         f"version reads {CHECKPOINT_FORMAT!r}: start a new checkpoint")
-    if found != CHECKPOINT_FORMAT:
-        raise FxlopError(f"{path} is not an fxlop checkpoint")
-    return payload
 
 
 def _train_epoch(forward_model, kd, logit_teacher, loader, optimizer, batch_scheduler, config, device, epoch,
@@ -538,13 +372,6 @@ def _frozen(teacher, device) -> nn.Module:
     return frozen
 
 
-def _steps_per_epoch(loader) -> int:
-    """The batches of one epoch, which a per-batch schedule (onecycle) needs in advance."""
-    steps = _length(loader)
-    if not steps:
-        raise FxlopError("schedule 'onecycle' steps every batch and needs a train_loader with a length "
-                         "(len(loader)); use another schedule for an iterable without one")
-    return steps
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The inputs classified right; with a class per position, each input's fraction of right positions."""
     return (logits.argmax(1) == y).double().reshape(len(y), -1).mean(1).sum()
@@ -557,17 +384,6 @@ def _relative_sp_scale(ce: torch.Tensor, sp: torch.Tensor) -> float:
         dist.all_reduce(values)
     ce_value, sp_value = values.tolist()
     return ce_value / sp_value if sp_value > 0 else 1.0
-
-
-def _average_buffers(model: nn.Module, world: int) -> None:
-    """Give every rank the same buffers (BatchNorm statistics): DDP keeps parameters in step, but
-    each rank updates its statistics on its own shard; floating buffers are averaged over ranks."""
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer)
-            buffer.div_(world)
-        else:
-            dist.broadcast(buffer, src=0)
 
 
 def _logits(output):
@@ -683,165 +499,6 @@ def _call(function, inputs):
     return function(**inputs) if isinstance(inputs, Mapping) else function(inputs)
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, factor_lr_scale: float = 0.5,
-                 factor_weight_decay: float | None = None, factor_lr: str = "uniform") -> list[dict]:
-    """Optimizer parameter groups for a model that may hold expanded layers (any ``torch.optim`` optimizer).
-
-    The factors of :class:`passes.ExpandedLayer` modules are found by identity (a parameter of your
-    own named ``...factors...`` is not one); they train at ``lr * factor_lr_scale`` with
-    ``factor_weight_decay`` (``None``: ``weight_decay``).  ``factor_lr="normalized"`` gives every
-    factor a group of its own whose rate is further divided by its gain
-    (:func:`passes.dynamics.factor_gains`, measured now on the current factors).  Every other
-    trainable parameter gets ``lr`` and ``weight_decay``.  Empty groups are left out; each group
-    carries a ``"name"`` (``"factors"``, ``"others"`` or ``"<layer>.factors.<k>"``).
-
-    Example::
-
-        optimizer = torch.optim.SGD(fxlop.param_groups(expanded, lr=0.05, weight_decay=5e-4), momentum=0.9)
-    """
-    if factor_lr not in FACTOR_LRS:
-        raise FxlopError(f"factor_lr must be one of {FACTOR_LRS}, got {factor_lr!r}")
-    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("factor_lr_scale", factor_lr_scale),
-                        ("factor_weight_decay", 0.0 if factor_weight_decay is None else factor_weight_decay)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise FxlopError(f"{name} must be a finite number >= 0, got {value!r}")
-    factor_decay = weight_decay if factor_weight_decay is None else factor_weight_decay
-    layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ExpandedLayer) and id(module) not in layers:
-            layers[id(module)] = (name, module)
-    factor_ids = {id(p) for _, layer in layers.values() for p in layer.factors}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in factor_ids]
-    groups = []
-    if factor_lr == "uniform":
-        factors = [p for _, layer in layers.values() for p in layer.factors if p.requires_grad]
-        groups.append({"params": factors, "lr": lr * factor_lr_scale, "weight_decay": factor_decay, "name": "factors"})
-    else:
-        for name, layer in layers.values():
-            gains = factor_gains(list(layer.factors), layer.groups, layer.kernel_index)
-            for index, (param, gain) in enumerate(zip(layer.factors, gains)):
-                if param.requires_grad:
-                    scale = 1.0 if index == layer.kernel_index else factor_lr_scale
-                    groups.append({"params": [param], "lr": lr * scale / max(gain, 1e-12),
-                                   "weight_decay": factor_decay, "name": f"{name}.factors.{index}"})
-    groups.append({"params": others, "lr": lr, "weight_decay": weight_decay, "name": "others"})
-    return [g for g in groups if g["params"]]
-
-
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
-                          factor_lr_scale=config.factor_lr_scale, factor_weight_decay=config.factor_weight_decay,
-                          factor_lr=config.factor_lr)
-    if not groups:
-        raise FxlopError("the model has no trainable parameters")
-    fused = _fused_supported(p for group in groups for p in group["params"])
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, fused=fused)
-    return torch.optim.AdamW(groups, lr=config.lr, fused=fused)
-
-
-#: devices with torch's fused SGD/AdamW kernels
-_FUSED_DEVICES = ("cpu", "cuda")
-
-
-def _fused_supported(params) -> bool | None:
-    """``True`` where torch's fused SGD/AdamW step can update ``params`` (one kernel per parameter; the
-    default on a CPU loops over the update's ops tensor by tensor), else ``None`` (torch's own choice).
-    An expanded model holds several times the pruned model's parameters: over the 16 M factors of an
-    expanded MobileNetV2 the loop took 45 ms a step, the fused kernel 19 ms (one CPU thread)."""
-    params = list(params)
-    if params and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params):
-        return True
-    return None
-
-
-def _scheduler(optimizer, config: TrainConfig, steps_per_epoch: int | None = None):
-    """The learning-rate schedule from epoch ``schedule_start`` of it on: torch's ``OneCycleLR`` stepped
-    every batch (``steps_per_epoch`` of them), else per-epoch factors (``LambdaLR``) in closed form,
-    so that a run can start part-way through a schedule."""
-    total, start = config.total_schedule_epochs, config.schedule_start
-    if config.schedule == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total * steps_per_epoch,
-            pct_start=config.warmup_fraction, cycle_momentum=False)
-        with warnings.catch_warnings():  # stepping before any optimizer step is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(start * steps_per_epoch):
-                scheduler.step()
-        return scheduler
-    milestones = [round(m * total) for m in config.milestones]
-
-    def factor(epoch: int) -> float:
-        at = epoch + start
-        if config.schedule == "cosine":  # CosineAnnealingLR's closed form, eta_min = 0
-            return 0.5 * (1 + math.cos(math.pi * min(at, total) / total))
-        if config.schedule == "step":
-            return config.step_gamma ** (at // config.step_size)
-        if config.schedule == "multistep":  # MultiStepLR's closed form, milestones as shares of the schedule
-            return config.step_gamma ** sum(at >= m for m in milestones)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _restore(path, model, optimizer, scheduler, loader, device, rank, config: TrainConfig):
-    """Load a checkpoint into the run; returns ``(epoch, history, sp_scale)``.  A checkpoint written
-    with other settings is refused: resuming would keep its optimizer and schedule silently."""
-    checkpoint = load_checkpoint(path, map_location=device)
-    saved = checkpoint.get("config", {})
-    changed = {k: (saved.get(k), v) for k, v in dataclasses.asdict(config).items() if saved.get(k) != v}
-    if changed:
-        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise FxlopError(f"checkpoint {path} was written with other settings ({listed}); resume with the same "
-                         f"settings, or start over with another checkpoint_path (or resume=False)")
-    try:
-        model.load_state_dict(checkpoint["model"].state_dict())
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise FxlopError(f"checkpoint {path} does not fit this model or optimizer: {error}") from error
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    states = checkpoint.get("rng") or []
-    if rank < len(states):
-        _set_rng(states[rank], loader)
-    return checkpoint["epoch"], list(checkpoint["history"]), checkpoint.get("sp_scale")
-
-
-def _rng_state(loader) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    generator = getattr(loader, "generator", None)
-    if generator is not None:
-        state["loader"] = generator.get_state()
-    return state
-
-
-def _set_rng(state: dict, loader) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    generator = getattr(loader, "generator", None)
-    if "loader" in state and generator is not None:
-        generator.set_state(state["loader"].cpu())
-
-
-def _gather_rng(loader, world: int) -> list[dict]:
-    state = _rng_state(loader)
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _write_log(path, history: list[dict]) -> None:
     """Start the log over from the (restored) history, so it always matches the checkpoint."""
     write_text(path, "".join(json.dumps(record) + "\n" for record in history))
@@ -849,24 +506,6 @@ def _write_log(path, history: list[dict]) -> None:
 
 def _disable(show: bool | None) -> bool | None:
     return None if show is None else not show
-
-
-def init_distributed() -> tuple[int, int]:
-    """``(rank, world size)``; under ``torchrun`` this first joins the process group (nccl on CUDA,
-    gloo on CPU), which is left again at exit.  Call it before building a ``DistributedSampler``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    atexit.register(_leave_group)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _leave_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _device(device, world: int) -> torch.device:
@@ -877,9 +516,3 @@ def _device(device, world: int) -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
-
-
-def _require_distributed_sampler(loader, name: str) -> None:
-    if not isinstance(getattr(loader, "sampler", None), DistributedSampler):
-        raise FxlopError(f"under torchrun, {name} must use a DistributedSampler "
-                         f"(fxlop.data.make_loader(..., distributed=True))")

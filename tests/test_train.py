@@ -54,7 +54,7 @@ def test_odd_batches_bf16_adamw_and_factor_groups():
 
 
 def test_factor_parameter_groups():
-    from fxlop.train import _optimizer
+    from fxlop.optim import make_optimizer as _optimizer
 
     student = fxlop.expand(Net(4))
     optimizer = _optimizer(student, TrainConfig(lr=0.1, weight_decay=5e-4, factor_weight_decay=0.0, factor_lr_scale=3.0))
