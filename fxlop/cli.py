@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION
-
+    from .passes import ExpandOptions
     from .pipeline import RunSettings
 
     defaults = RunSettings()
@@ -85,25 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument_group("output").add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
 
-    expand = commands.add_parser("expand", help="expand a saved model (torch.save of an nn.Module)")
+    expand = commands.add_parser("expand", help="expand a saved model (torch.save of an nn.Module)",
+                                 formatter_class=_DefaultsHelp)
     expand.add_argument("input")
     expand.add_argument("output")
-    expand.add_argument("--expansion", type=float, default=4, help="width multiplier of layers with a spatial kernel")
-    expand.add_argument("--pointwise-expansion", type=_limit(float), default=POINTWISE_EXPANSION,
-                        help="width multiplier of 1x1 convs and linears ('none': --expansion)")
-    expand.add_argument("--mode", choices=("online", "chain"), default="online")
-    expand.add_argument("--depth", type=int, default=3)
-    expand.add_argument("--include", nargs="+", help="qualified-name globs to expand")
-    expand.add_argument("--exclude", nargs="+", help="qualified-name globs to leave alone")
-    expand.add_argument("--seed", type=int, default=0)
-    expand.add_argument("--max-params", type=int, help="refuse an expansion above this many parameters")
-    expand.add_argument("--max-bytes", type=_limit(int), default=MAX_BYTES,
-                        help="refuse an expansion estimated above this many bytes (float64 temporaries included; "
-                             "'none': no limit)")
-    expand.add_argument("--max-seconds", type=_limit(float), default=MAX_SECONDS,
-                        help="refuse an expansion estimated to take longer ('none': no limit)")
-    expand.add_argument("--max-layer-params", type=_limit(int), default=MAX_LAYER_PARAMS,
-                        help="a layer whose factors would hold more is expanded less, or left dense ('none': no limit)")
+    _add_settings(expand.add_argument_group("expansion"), ExpandOptions(), with_hidden=("seed",))
     expand.set_defaults(handler=_expand)
 
     fuse = commands.add_parser("fuse", help="fuse a saved expanded model back to its compact architecture")
@@ -121,14 +106,6 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0)
     verify.set_defaults(handler=_verify)
     return parser
-
-
-def _limit(kind):
-    """An argparse type for a limit: a number, or 'none' for no limit."""
-    def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def _run(args) -> int:
@@ -166,21 +143,31 @@ _RUN_GROUPS = (
 )
 
 
-def _add_settings(group, instance, only=None) -> None:
-    """One flag per field of a settings dataclass (``--field-name``), typed from its annotation, with
-    its help and choices from the field's metadata and its value in ``instance`` as the default."""
+def _add_settings(group, instance, only=None, with_hidden=()) -> None:
+    """One flag per field of a settings dataclass (``--field-name``), with its help, choices and parser
+    from the field's metadata (``passes.options.option``; else typed from its annotation) and its value
+    in ``instance`` as the default.  ``with_hidden``: fields offered although their metadata says not
+    (``fxlop expand --seed``: in ``fxlop run`` the run's own ``--seed`` sets it)."""
     hints = typing.get_type_hints(type(instance))
     for field in dataclasses.fields(instance):
-        if (only is not None and field.name not in only) or not field.metadata.get("cli", True):
+        if only is not None and field.name not in only:
+            continue
+        if not field.metadata.get("cli", True) and field.name not in with_hidden:
             continue
         kind = hints[field.name]
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        options = {"help": field.metadata.get("help"), "default": getattr(instance, field.name)}
+        default = getattr(instance, field.name)
+        options = {"help": field.metadata.get("help"), "default": list(default) if isinstance(default, tuple)
+                   else default}
         if field.metadata.get("choices"):
             options["choices"] = field.metadata["choices"]
         if kind is bool:
-            options["action"] = "store_true"
+            options["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif field.metadata.get("parse") is not None:
+            options["type"] = field.metadata["parse"]
+            if field.metadata.get("many"):
+                options["nargs"] = "+"
         elif typing.get_origin(kind) is list:
             options.update(nargs="+", type=typing.get_args(kind)[0])
         else:
@@ -198,26 +185,26 @@ def _check_output(args) -> None:
 
 
 def _expand(args) -> int:
-    from .core import expand
+    from .core import expand_with
     from .io import save
     from .models import load_model
+    from .passes import ExpandOptions, report_of
 
+    values = vars(args)
+    options = ExpandOptions(**{f.name: values[f.name] for f in dataclasses.fields(ExpandOptions)})
     _check_output(args)
-    gm = expand(load_model(args.input), expansion=args.expansion, pointwise_expansion=args.pointwise_expansion,
-                mode=args.mode, depth=args.depth,
-                include=args.include, exclude=args.exclude, seed=args.seed, max_params=args.max_params,
-                max_bytes=args.max_bytes, max_seconds=args.max_seconds, max_layer_params=args.max_layer_params)
-    report = gm.meta["fxlop"]["expand"]
+    gm = expand_with(load_model(args.input), options)
+    report = report_of(gm).expand
     save(gm, args.output)
-    print(f"expanded {len(report['expanded'])} layers ({report['params_before']:,} -> {report['params_after']:,} "
-          f"parameters), skipped {len(report['skipped'])}; saved {args.output}")
-    for skipped in report["skipped"]:
-        print(f"  skipped {skipped['name']}: {skipped['reason']}")
+    print(f"expanded {len(report.expanded)} layers ({report.params_before:,} -> {report.params_after:,} "
+          f"parameters), skipped {len(report.skipped)}; saved {args.output}")
+    for skipped in report.skipped:
+        print(f"  skipped {skipped.name}: {skipped.reason}")
     return 0
 
 
 def _fuse(args) -> int:
-    from .passes.expanded import ExpandedLayer
+    from .passes import ExpandedLayer
 
     from .core import fuse, report
     from .io import save
@@ -228,9 +215,9 @@ def _fuse(args) -> int:
     if not any(isinstance(m, ExpandedLayer) for m in model.modules()):
         raise FxlopError(f"{args.input} holds no expanded layer: fuse takes a model saved by fxlop expand")
     fused = fuse(model, fold_bn=args.fold_bn)
-    done = report(fused)["fuse"]
+    done = report(fused).fuse
     save(fused, args.output)
-    print(f"fused {len(done['fused'])} layers ({done['params']:,} parameters); saved {args.output}")
+    print(f"fused {len(done.fused)} layers ({done.params:,} parameters); saved {args.output}")
     return 0
 
 

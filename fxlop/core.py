@@ -1,118 +1,106 @@
 """``fxlop.expand`` and ``fxlop.fuse``: the passes, with tracing and BatchNorm folding around them."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from . import passes
-from .passes.expand import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION, check_options
-from .passes.expanded import ExpandedLayer, parameter_count
-from .passes.graph import set_attr
-from .passes.ops import module_function
-from .passes.select import Patterns, selector
+from .passes import ExpandedLayer, ExpandOptions, Report, is_expandable, report_of, set_attr
+from .passes.options import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION
+from .passes.select import Patterns
 
 
-def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float = 4,
-           pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online",
-           include: Patterns = None, exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
-           leaf_modules: Patterns = None, max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
-           max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS,
-           trace: bool = True) -> nn.Module:
+def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float = 4.0,
+           pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online", depth: int = 3,
+           init: str = "orthogonal", seed: int = 0, include: Patterns = None, exclude: Patterns = None,
+           leaf_modules: Patterns = None, trace: bool = True, max_params: int | None = None,
+           max_bytes: int | None = MAX_BYTES, max_seconds: float | None = MAX_SECONDS,
+           max_layer_params: int | None = MAX_LAYER_PARAMS) -> nn.Module:
     """Linearly over-parameterize every conv/linear of ``model``; its outputs do not change.
 
     ``model`` is an ``nn.Module`` (traced with ``torch.fx`` symbolic tracing), a GraphModule (a
     ``torch.export`` program's ``.module()`` included) or a ``torch.export.ExportedProgram`` (expanded
     as its ``.module()``, which shares the program's parameters); it is never modified.  Each
-    ``nn.Conv1d/2d/3d``/``nn.Linear``/Hugging Face ``Conv1D`` (and each ``F.conv*``/``F.linear`` whose
-    weight is a parameter, and each ``addmm``/``mm``/``matmul`` product ``x @ W`` on a 2-D parameter
-    or its transpose) becomes a chain ``1x1 -> k x k -> 1x1`` (or three linears) whose product is the
-    original weight: orthonormal outer factors, the middle one solved exactly in float64.  Hidden
-    widths are ``expansion`` times the layer's for layers with a spatial kernel and
-    ``pointwise_expansion`` (1) times for 1x1 convs and linears, whose middle factor would otherwise
-    grow as the square of it (see docs/results/speed.md).  Modules
-    called at several places stay shared; tied weights (one parameter under two names, such as GPT-2's
-    ``lm_head`` and its token embedding) stay as they are.  The factors are created on the device and
-    in the dtype of each weight.  One driver decides, for both ways of expanding (a graph, or
-    ``trace=False``), what is expanded and why; :func:`report` gives its decisions.
+    conv/linear (modules, functional calls on parameters, ``x @ W`` products) becomes a chain
+    ``1x1 -> k x k -> 1x1`` (or three linears) whose product is the original weight, composed exactly
+    in float64 (:func:`passes.expand`).  Shared modules stay shared, tied weights stay as they are,
+    and the factors are created on each weight's device and in its dtype.  Before anything is
+    allocated the expansion is planned against the limits; :func:`report` gives what was expanded,
+    reduced or skipped and why.
 
-    Bounded time and memory: before anything is allocated, each layer's parameters, bytes (float64
-    temporaries included) and seconds (at speeds measured once on the model's device) are estimated.
-    Wide layers: a layer whose factors would hold more than ``max_layer_params`` parameters is expanded
-    at the largest lower expansion that fits (steps of 1/4; ``report(gm)["expand"]["reduced"]``) or,
-    if even expansion 1 does not fit, left dense (``["skipped"]``), with a warning.  Then the whole
-    expansion is refused with :class:`ExpansionError` if it is over ``max_params``, ``max_bytes`` or
-    ``max_seconds``; the message names the largest layer, the estimates and options that fit.  Pass
-    ``None`` to lift a limit.
-
-    When symbolic tracing fails, ``expand`` raises :class:`TraceError` (naming the module, how to make
-    it a leaf, ``trace=False`` and ``torch.export``) rather than falling back to ``trace=False`` by
-    itself: the two give different kinds of model (a GraphModule, or a copy of the module), and
-    what comes next differs (``fuse(fold_bn=True)`` and ``distiller`` need a graph); the caller
-    chooses.
+    Tracing failures raise :class:`TraceError` (naming the module, how to make it a leaf,
+    ``trace=False`` and ``torch.export``) rather than falling back by themselves: the two ways give
+    different kinds of model, and the caller chooses.
 
     Args:
         model: the (pruned) model.
-        expansion: width multiplier of the hidden widths of layers with a spatial kernel, ``>= 1``.
-        pointwise_expansion: width multiplier of 1x1 convs, linears and products (``>= 1``, default 1:
-            square outer factors); ``None``: ``expansion``.
-        mode: ``"online"`` (factors composed into one kernel in the graph, the kernels of layers
-            with factors of the same shapes together: :func:`passes.batch_compositions`; about the
-            compact model's training cost) or ``"chain"`` (one op per factor, the paper's literal form).
-        include: qualified-name globs (``"layer1.*"``) or module types to expand.
-        exclude: qualified-name globs or module types to keep as they are.
-        depth: linear ops per chain, ``>= 2``.
-        seed: seed of the random orthonormal factors.
-        init: ``"orthogonal"`` or ``"balanced"`` (all factors at the same spectral norm).
-        leaf_modules: globs or types of modules not to trace into (for data-dependent control flow).
-        max_params: refuse an expansion that would give more parameters than this (default: no limit).
-        max_bytes: refuse an expansion estimated to add more memory than this (default 4 GiB): the
-            factors, a copy of the parameters, the largest layer's float64 temporaries.
-        max_seconds: refuse an expansion estimated to take longer than this (default 60), expand and
-            the fuse it will need, on the model's device.
-        max_layer_params: the wide-layer limit above (default ``2**26``, 256 MiB of fp32 factors).
-        trace: ``False`` keeps ``model`` an ordinary module (no tracing, so control flow is fine,
-            Hugging Face models included): a copy whose conv/linear modules are replaced by
-            :class:`passes.ExpandedLayer` modules that run the chain themselves and still answer
-            ``weight``, ``bias`` and the constructor attributes; ``timm.utils.reparameterize_model``
-            or :func:`fuse` turn them back.  Functional convs and products are not expanded then.
+        expansion: width multiplier of layers with a spatial kernel (``>= 1``).
+        pointwise_expansion: of 1x1 convs, linears and products; ``None``: ``expansion``.
+        mode: ``"online"`` (one composed kernel) or ``"chain"`` (one op per factor).
+        depth: linear ops per expanded layer (``>= 2``).
+        init: ``"orthogonal"`` or ``"balanced"``.
+        seed: seed of the factors.
+        include: qualified-name globs or module types to expand.
+        exclude: globs or module types to leave alone.
+        leaf_modules: globs or module types not to trace into.
+        trace: ``False`` keeps ``model`` an ordinary module: a copy whose conv/linear modules are
+            :class:`passes.ExpandedLayer` modules (control flow is fine, Hugging Face models included;
+            functional convs and products are not expanded then).
+        max_params: the most parameters the expanded model may hold.
+        max_bytes: the most memory the expansion may add (estimated).
+        max_seconds: the longest the expansion and its fuse may take (estimated).
+        max_layer_params: the most parameters one layer's factors may hold.
+
+        Each is a field of :class:`fxlop.ExpandOptions`, which says more; ``None`` lifts a limit.
 
     Returns:
         A GraphModule (also for an ExportedProgram: fine-tune it, :func:`fuse` it, and
         ``torch.export.export`` the fused model for a program again); with ``trace=False`` an
-        ``nn.Module`` copy of ``model``.  :func:`report` gives what was expanded, what was skipped
-        and why, and the parameter counts before and after.
+        ``nn.Module`` copy of ``model``.
 
     Raises:
         TraceError: the model cannot be traced (names the module and how to make it a leaf).
-        ExpansionError: invalid options, or an expansion over a limit.
+        ExpansionError: invalid options, or an expansion over a limit (naming the largest layer, the
+            estimates and options that fit).
     """
-    if not isinstance(trace, bool):
-        raise passes.ExpansionError(f"trace must be True or False, got {trace!r}")
+    options = ExpandOptions(expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode, depth=depth,
+                            init=init, seed=seed, include=include, exclude=exclude, leaf_modules=leaf_modules,
+                            trace=trace, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
+                            max_layer_params=max_layer_params)
+    return expand_with(model, options)
+
+
+def expand_with(model: nn.Module | torch.export.ExportedProgram, options: ExpandOptions) -> nn.Module:
+    """:func:`expand` with its options as one :class:`fxlop.ExpandOptions` (what ``fxlop run`` holds).
+
+    Args:
+        model: as for :func:`expand`.
+        options: the expansion.
+
+    Returns:
+        As :func:`expand`.
+
+    Raises:
+        TraceError, ExpansionError: as :func:`expand`.
+    """
+    if not isinstance(options, ExpandOptions):
+        raise passes.ExpansionError(f"options must be a fxlop.ExpandOptions, got {type(options).__name__}")
     if isinstance(model, torch.export.ExportedProgram):
-        if not trace:
+        if not options.trace:
             raise passes.ExpansionError("an ExportedProgram is already a graph: expand it with trace=True (the "
                                         "default), or pass the nn.Module it was exported from with trace=False")
         model = model.module()
     elif not isinstance(model, nn.Module):
         raise passes.FxlopError(f"expand takes an nn.Module, a GraphModule or a torch.export.ExportedProgram, "
                                 f"got {type(model).__name__}")
-    options = dict(expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode, include=include,
-                   exclude=exclude, depth=depth, seed=seed, init=init, max_params=max_params, max_bytes=max_bytes,
-                   max_seconds=max_seconds, max_layer_params=max_layer_params)
-    check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
-                  max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion, seed=seed)
-    for patterns in (include, exclude, leaf_modules):
-        selector(patterns)  # a bad pattern is refused before any work
-    if not trace:
-        return passes.expand_modules(model, **options)
-    gm = model if isinstance(model, fx.GraphModule) else passes.trace(model, leaf_modules=leaf_modules)
-    return _keep_report(passes.batch_compositions(passes.expand(gm, **options), inplace=True), report(gm))
+    if not options.trace:
+        return passes.expand_modules(model, options)
+    gm = model if isinstance(model, fx.GraphModule) else passes.trace(model, leaf_modules=options.leaf_modules)
+    return passes.batch_compositions(passes.expand(gm, options), inplace=True)
 
 
-def report(model: nn.Module) -> dict:
+def report(model: nn.Module) -> Report:
     """What :func:`expand`, :func:`fuse` and BatchNorm folding did to ``model``.
 
     The report survives ``torch.save``/``torch.load`` of the model (and pickling): a GraphModule's
@@ -122,35 +110,31 @@ def report(model: nn.Module) -> dict:
         model: a model that :func:`expand` or :func:`fuse` returned (or any other module).
 
     Returns:
-        The report, a dict with a section per pass (``"expand"``, ``"fuse"``, ...); empty if no pass
-        ran on ``model``.
+        A :class:`passes.Report`: its ``expand`` (an :class:`passes.ExpandReport`), ``batch``, ``fuse``
+        and ``fold_bn`` sections, each None where that pass did not run on ``model``.
+        :func:`passes.as_dict` turns it into JSON data.
     """
-    if isinstance(model, fx.GraphModule) and model.meta.get("fxlop"):
-        return model.meta["fxlop"]
-    return getattr(model, "fxlop_report", {})
-
-
-def _keep_report(gm: fx.GraphModule, earlier: dict) -> fx.GraphModule:
-    """``gm``'s report with the sections of ``earlier`` it lacks (a loaded model's ``meta`` is empty), in
-    ``meta["fxlop"]`` and, the same dict, in the ``fxlop_report`` attribute, which pickling keeps."""
-    merged = {**earlier, **gm.meta.get("fxlop", {})}
-    gm.meta["fxlop"] = merged
-    gm.fxlop_report = merged
-    return gm
+    return report_of(model)
 
 
 def fuse(gm: nn.Module, *, fold_bn: bool = False, example_inputs=None) -> nn.Module:
     """Fuse every expanded layer of ``gm`` back into one conv/linear under its original name.
 
     The result has exactly the modules, ``state_dict`` keys and shapes of the model before
-    :func:`expand` (traced), with weights composed from the (trained) factors in float64.  A graph
-    with nothing to fuse gives an equivalent copy; ``gm`` is not modified.
+    :func:`expand`, with weights composed from the (trained) factors in float64.  A graph
+    is fused by :func:`passes.fuse`, a module tree (``expand(..., trace=False)``) by
+    :func:`passes.fuse_modules`; a model with nothing to fuse gives an equivalent copy; ``gm`` is not
+    modified.
 
     Args:
+        gm: a model :func:`expand` returned (trained or not).
         fold_bn: also fold ``conv -> BatchNorm`` pairs (eval statistics) for deployment; this drops
             the BatchNorm modules.  ``linear -> BatchNorm1d`` pairs need ``example_inputs`` to show
             that the linear's output is 2-D.
         example_inputs: inputs used only to propagate shapes for ``fold_bn``.
+
+    Returns:
+        The fused model; :func:`report` gives its ``fuse`` (and ``fold_bn``) section.
 
     Raises:
         FusionError: an expanded subgraph was edited so that it no longer is a chain of its factors.
@@ -160,24 +144,9 @@ def fuse(gm: nn.Module, *, fold_bn: bool = False, example_inputs=None) -> nn.Mod
     if not isinstance(gm, fx.GraphModule):
         if fold_bn:
             raise passes.FxlopError("fold_bn needs a traced model: fuse a GraphModule (fxlop.expand with trace=True)")
-        return _fuse_modules(gm)
+        return passes.fuse_modules(gm)
     fused = passes.fuse(gm)
-    return _keep_report(passes.fold_batchnorm(fused, example_inputs) if fold_bn else fused, report(gm))
-
-
-def _fuse_modules(model: nn.Module) -> nn.Module:
-    model = copy.deepcopy(model)
-    fused = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, ExpandedLayer):
-            if module not in fused:
-                fused[module] = module.fuse()
-            set_attr(model, name, fused[module])
-    model.fxlop_report = {**getattr(model, "fxlop_report", {}),
-                          "fuse": {"fused": [{"name": n} for n in dict.fromkeys(
-                              n for n, m in model.named_modules() if m in fused.values())],
-                                   "params": parameter_count(model)}}
-    return model
+    return passes.fold_batchnorm(fused, example_inputs) if fold_bn else fused
 
 
 class overparameterized:
@@ -228,25 +197,22 @@ class overparameterized:
         ExpansionError: invalid options, an expansion over a limit, a model already expanded.
     """
 
-    def __init__(self, model: nn.Module, *, expansion: float = 4,
-                 pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online", include: Patterns = None,
-                 exclude: Patterns = None, depth: int = 3, seed: int = 0, init: str = "orthogonal",
+    def __init__(self, model: nn.Module, *, expansion: float = 4.0,
+                 pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online", depth: int = 3,
+                 init: str = "orthogonal", seed: int = 0, include: Patterns = None, exclude: Patterns = None,
                  max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
                  max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS):
         if not isinstance(model, nn.Module):
             raise passes.FxlopError(f"overparameterized expands an nn.Module in place, got {type(model).__name__}")
-        if module_function(model) is not None:
+        if is_expandable(model):
             raise passes.ExpansionError(f"overparameterized swaps the layers inside a model; the model itself is a "
                                         f"{type(model).__name__}: wrap it in a module (nn.Sequential(layer))")
-        check_options(expansion, mode, depth, max_params, init, max_bytes=max_bytes, max_seconds=max_seconds,
-                      max_layer_params=max_layer_params, pointwise_expansion=pointwise_expansion, seed=seed)
-        for patterns in (include, exclude):
-            selector(patterns)
         self.model = model
-        self.options = dict(expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode, include=include,
-                            exclude=exclude, depth=depth, seed=seed,
-                            init=init, max_params=max_params, max_bytes=max_bytes, max_seconds=max_seconds,
-                            max_layer_params=max_layer_params)
+        #: the expansion (checked here, before any work); a module swap, so never traced
+        self.options = ExpandOptions(expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode,
+                                     depth=depth, init=init, seed=seed, include=include, exclude=exclude,
+                                     trace=False, max_params=max_params, max_bytes=max_bytes,
+                                     max_seconds=max_seconds, max_layer_params=max_layer_params)
         # while active: (expanded layer, the module it replaced, the names it sits at)
         self._records: list[tuple[ExpandedLayer, nn.Module, list[str]]] | None = None
         self._report: tuple[bool, object] = (False, None)
@@ -264,7 +230,7 @@ class overparameterized:
                 f"block first (or fuse a model expanded with trace=False: fxlop.fuse)")
         before = dict(model.named_modules(remove_duplicate=False))
         self._report = ("fxlop_report" in model.__dict__, model.__dict__.get("fxlop_report"))
-        passes.expand_modules(model, in_place=True, **self.options)
+        passes.expand_modules(model, self.options, in_place=True)
         try:
             records: dict[int, tuple[ExpandedLayer, nn.Module, list[str]]] = {}
             for name, module in model.named_modules(remove_duplicate=False):
@@ -288,35 +254,19 @@ class overparameterized:
         return False  # an exception from the block propagates
 
     def _fuse_back(self, records) -> None:
+        """The one way back (:func:`passes.fuse_modules`), into the original modules; if it fails, every
+        layer gets its original module back with the weight it had before the block."""
         model = self.model
-        # the layers still where the block put them (code inside may have replaced some)
-        records = [(layer, original, [n for n in names if _submodule(model, n) is layer])
-                   for layer, original, names in records]
-        records = [record for record in records if record[2]]
-        try:  # every weight is composed before any module is put back
-            weights = []
-            with torch.no_grad():
-                for layer, original, names in records:
-                    weight = layer.fused_weight()
-                    if weight.shape != original.weight.shape:
-                        raise passes.FusionError(f"'{names[0]}' composes to a weight of shape {tuple(weight.shape)}, "
-                                                 f"not {tuple(original.weight.shape)}")
-                    weights.append(weight)
+        try:
+            passes.fuse_modules(model, in_place=True, into={layer: original for layer, original, _ in records})
         except Exception as error:
             for layer, original, names in records:
                 for name in names:
-                    set_attr(model, name, original)
+                    if _submodule(model, name) is layer:
+                        set_attr(model, name, original)
             raise passes.FusionError(f"fxlop.overparameterized could not fuse the expanded layers back ({error}); "
                                      f"the model has its layers back with their weights from before the block, "
                                      f"the training inside it is lost") from error
-        for (layer, original, names), weight in zip(records, weights):
-            original.weight.data = weight  # the same Parameter, now on the factors' device and dtype
-            original.weight.grad = None
-            if original.bias is not layer.bias:
-                original.bias = layer.bias
-            original.train(layer.training)
-            for name in names:
-                set_attr(model, name, original)
 
     def _restore_report(self) -> None:
         had, previous = self._report

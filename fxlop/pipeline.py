@@ -18,14 +18,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .passes.expand import INITS, POINTWISE_EXPANSION, check_options
-from .passes.expanded import MODES
+from .passes import ExpandedLayer, ExpandOptions, report_of, trace
 from .passes.tap import layer_names, match_names
-from .passes.trace import trace
 
 from . import data as datasets
 from . import models
-from .core import expand, fuse
+from .core import expand_with, fuse
 from .errors import FxlopError
 from .io import UMASK, check_directory_writable, check_file, check_writable, same_file, save
 from .methods import METHODS
@@ -41,23 +39,6 @@ AUTO_CANDIDATES = ("vanilla", "sp", "lop_sp")
 #: the model ``fxlop run`` uses for each embedded dataset unless ``--model`` says otherwise
 DEFAULT_MODELS = {"mnist1d": "cnn1d"}
 DEFAULT_MODEL = "resnet20"
-
-
-@dataclasses.dataclass
-class ExpandOptions:
-    """How a run expands the pruned model for LOP (the options of :func:`fxlop.expand` it sets)."""
-
-    expansion: float = setting(4, "width multiplier r of the hidden widths of layers with a spatial kernel")
-    pointwise_expansion: float = setting(POINTWISE_EXPANSION, "r of 1x1 convs and linears (their middle factor grows "
-                                                              "as r^2 times the weight)")
-    mode: str = setting("online", "online: factors composed into one kernel in the graph; chain: one op per factor",
-                        choices=MODES)
-    depth: int = setting(3, "linear ops per expanded layer")
-    init: str = setting("orthogonal", "orthonormal outer factors, or all factors at one spectral norm", choices=INITS)
-
-    def check(self) -> None:
-        check_options(self.expansion, self.mode, self.depth, None, self.init,
-                      pointwise_expansion=self.pointwise_expansion)
 
 
 def _run_training() -> TrainConfig:
@@ -100,6 +81,7 @@ class RunSettings:
     dense_lr: float = setting(0.1, "learning rate of the dense training")
     batch_size: int = setting(128, "batch size")
     train: TrainConfig = dataclasses.field(default_factory=_run_training)
+    #: the expansion of the LOP methods (its ``seed`` is the run's)
     expand: ExpandOptions = dataclasses.field(default_factory=ExpandOptions)
     seed: int = setting(0, "seed of everything: data split, dense model, expansion, fine-tuning")
     workers: int = setting(0, "data loader workers")
@@ -166,7 +148,9 @@ class RunSettings:
             kind = "1-D signals" if self.dataset in datasets.SIGNAL_DATASETS else "images"
             problems.append(f"dataset {self.dataset!r} holds {kind}; model {self.model_name!r} does not take them "
                             f"(1-D models: {', '.join(models.SIGNAL_MODELS)})")
-        for check in (self.train.check, self.expand.check, lambda: resolve_device(self.device), self._check_paths):
+        if not isinstance(self.expand, ExpandOptions):
+            problems.append(f"expand must be a fxlop.ExpandOptions, got {type(self.expand).__name__}")
+        for check in (self.train.check, lambda: resolve_device(self.device), self._check_paths):
             try:
                 check()
             except FxlopError as error:
@@ -273,7 +257,7 @@ def resolve_device(device: str | None) -> torch.device:
     return check_device(device, "--device")
 
 
-def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> dict:
+def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> RunReport:
     """Run the whole job and return the report (also written to ``settings.out``/report.json).
 
     Every method of :attr:`RunSettings.methods` is fine-tuned with the same budget; ``vanilla``
@@ -300,7 +284,7 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
         echo: where the progress lines go.
 
     Returns:
-        The report.
+        The :class:`RunReport` (its JSON, :func:`fxlop.passes.as_dict` of it, is report.json).
 
     Raises:
         FxlopError: a bad setting or path, a --weights model that is not a dense model of --model
@@ -328,8 +312,8 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> d
     _replace_directory(staging, final)
     if settings.json:
         write_json(settings.json, report)
-    echo(f"\nsaved {final / 'model.pt'} ({report['deployed']}), {final / 'report.json'}, {final / 'curves.png'} "
-         f"({report['wall_time_s']:.0f} s)")
+    echo(f"\nsaved {final / 'model.pt'} ({report.deployed}), {final / 'report.json'}, {final / 'curves.png'} "
+         f"({report.wall_time_s:.0f} s)")
     return report
 
 
@@ -381,121 +365,230 @@ def _replace_directory(staging: Path, final: Path) -> None:
         shutil.rmtree(incomplete, ignore_errors=True)
 
 
-def _run(settings: RunSettings, final: Path, rank: int, world: int, progress, echo, staging: Path | None = None):
-    """The job of :func:`run`; rank 0 writes into ``staging``, the report names ``final``."""
-    began = time.perf_counter()
-    main = rank == 0
-    say = echo if main else (lambda *a, **k: None)
-    out = staging if staging is not None else final
-    device = resolve_device(settings.device)
-    torch.manual_seed(settings.seed)
-    saved = None
-    if settings.weights:  # read and checked before the data are loaded
-        saved = models.read_model_file(settings.weights)
-        if isinstance(saved, nn.Module):
-            _check_weights_module(saved, settings)
+@dataclasses.dataclass(frozen=True)
+class DataSummary:
+    """The data a run used."""
+    name: str
+    train: int
+    test: int
+    val: int
+    input_shape: tuple[int, ...]
 
+
+@dataclasses.dataclass
+class MethodResult:
+    """One fine-tuned method of a run: its scores, curves and costs; ``deployed`` is the fine-tuned
+    model in the pruned architecture (not part of the JSON report)."""
+    accuracy: float  #: test accuracy of the deployed model
+    val_accuracy: float | None  #: on the validation split (None without one)
+    history: list[dict]  #: the per-epoch records of :func:`fxlop.finetune`
+    taps: list[str]  #: the SP taps
+    train_time_s: float
+    time_per_epoch_s: float
+    verify_max_relative_error: float | None  #: LOP methods: expanded against fused
+    params_expanded: int | None  #: LOP methods: parameters trained
+    deployed: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False, metadata={"json": False})
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundScore:
+    val_accuracy: float | None
+    accuracy: float
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundRecord:
+    """One round of prune -> fine-tune."""
+    round: int
+    epochs: int
+    params: int
+    macs: float
+    widths: dict[str, int]
+    post_prune_accuracy: float
+    deployed: str
+    methods: dict[str, RoundScore]
+
+
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    dense: int | float
+    pruned: int | float
+    fused: int | float
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What :func:`run` did; ``report.json`` is :func:`fxlop.passes.as_dict` of it."""
+    settings: RunSettings
+    model: str
+    device: str
+    data: DataSummary
+    dense_accuracy: float
+    post_prune_accuracy: float
+    rounds: list[RoundRecord]
+    deployed: str  #: the method deployed
+    selection: str  #: why
+    finetuned_accuracy: float
+    vanilla_accuracy: float | None
+    params: Counts
+    macs: Counts
+    widths_pruned: dict[str, int]
+    unpruned_layers: list[str]
+    methods: dict[str, MethodResult]
+    dense_history: list[dict]
+    model_path: str
+    wall_time_s: float
+
+
+@dataclasses.dataclass
+class _Job:
+    """The state a run's steps pass on: each step reads what earlier ones set."""
+    settings: RunSettings
+    device: torch.device
+    world: int
+    progress: bool | None
+    say: object
+    out: Path
+    began: float
+    saved: object = None  # the --weights file's content
+    bundle: object = None
+    train_loader: object = None
+    val_loader: object = None
+    test_loader: object = None
+    example: torch.Tensor | None = None
+    dense: nn.Module | None = None
+    dense_history: list = dataclasses.field(default_factory=list)
+    dense_accuracy: float | None = None
+    rounds: list[RoundRecord] = dataclasses.field(default_factory=list)
+    pruned: object = None  # the last PruneResult
+    post_prune_accuracy: float | None = None
+    results: dict[str, MethodResult] = dataclasses.field(default_factory=dict)
+    chosen: str = ""
+    why: str = ""
+
+
+def _run(settings: RunSettings, final: Path, rank: int, world: int, progress, echo,
+         staging: Path | None = None) -> RunReport:
+    """The job of :func:`run`, step by step; rank 0 writes into ``staging``, the report names ``final``."""
+    main = rank == 0
+    job = _Job(settings, resolve_device(settings.device), world, progress, echo if main else (lambda *a, **k: None),
+               staging if staging is not None else final, time.perf_counter())
+    torch.manual_seed(settings.seed)
+    _read_weights(job)
+    _load_data(job)
+    _dense_model(job)
+    _prune_and_finetune(job)
+    if main:
+        save(job.results[job.chosen].deployed, job.out / "model.pt")
+    report = _report(job, final)
+    if main:
+        write_json(job.out / "report.json", report)
+        plot_curves(job.out / "curves.png", {m: r.history for m, r in report.methods.items()},
+                    dense_accuracy=report.dense_accuracy, post_prune_accuracy=report.post_prune_accuracy,
+                    title=f"{settings.model_name} on {job.bundle.name}, {settings.ratio:.0%} pruned")
+        job.say("")
+        job.say(summary_table(report))
+    return report
+
+
+def _read_weights(job: _Job) -> None:
+    """--weights, read and checked before the data are loaded."""
+    if job.settings.weights:
+        job.saved = models.read_model_file(job.settings.weights)
+        if isinstance(job.saved, nn.Module):
+            _check_weights_module(job.saved, job.settings)
+
+
+def _load_data(job: _Job) -> None:
+    settings = job.settings
     bundle = datasets.load_dataset(
         settings.dataset, data_dir=settings.data_dir, download=settings.download, image_size=settings.image_size,
         channels=3 if models.is_torchvision_model(settings.model_name) else None,
         val_fraction=settings.val_fraction, split_seed=settings.seed)
-    loader = lambda dataset, shuffle: datasets.make_loader(  # noqa: E731
-        dataset, batch_size=settings.batch_size, shuffle=shuffle, seed=settings.seed, workers=settings.workers,
-        distributed=world > 1)
-    train_loader, test_loader = loader(bundle.train, True), loader(bundle.test, False)
-    val_loader = loader(bundle.val, False) if bundle.val is not None else None
-    example = next(iter(test_loader))[0][:8].to(device)
-    say(f"data: {bundle.name}, {len(bundle.train)} train / {len(bundle.val) if bundle.val is not None else 0} "
-        f"validation / {len(bundle.test)} test inputs of {tuple(bundle.input_shape)}, {bundle.num_classes} classes; "
-        f"device {device}")
 
+    def loader(dataset, shuffle):
+        return datasets.make_loader(dataset, batch_size=settings.batch_size, shuffle=shuffle, seed=settings.seed,
+                                    workers=settings.workers, distributed=job.world > 1)
+
+    job.bundle = bundle
+    job.train_loader, job.test_loader = loader(bundle.train, True), loader(bundle.test, False)
+    job.val_loader = loader(bundle.val, False) if bundle.val is not None else None
+    job.example = next(iter(job.test_loader))[0][:8].to(job.device)
+    job.say(f"data: {bundle.name}, {len(bundle.train)} train / {len(bundle.val) if bundle.val is not None else 0} "
+            f"validation / {len(bundle.test)} test inputs of {tuple(bundle.input_shape)}, {bundle.num_classes} "
+            f"classes; device {job.device}")
+
+
+def _dense_model(job: _Job) -> None:
+    """The dense model: --weights, or built and trained; its test accuracy."""
+    settings, bundle = job.settings, job.bundle
     in_channels = bundle.input_shape[0]
     if settings.weights:
-        dense = models.model_from_saved(saved, settings.weights, arch=settings.model_name,
+        dense = models.model_from_saved(job.saved, settings.weights, arch=settings.model_name,
                                         num_classes=bundle.num_classes, in_channels=in_channels)
-        _check_weights_data(dense, settings, bundle, example)
+        _check_weights_data(dense, settings, bundle, job.example)
     else:
         torch.manual_seed(settings.seed)
         dense = models.build_model(settings.model_name, num_classes=bundle.num_classes, in_channels=in_channels)
     _check_taps(dense, settings.train.taps)
-    dense_history = []
     if not settings.weights and settings.dense_epochs:
-        say(f"training the dense {settings.model_name} for {settings.dense_epochs} epochs")
-        dense_history = finetune(dense, train_loader, epochs=settings.dense_epochs, lr=settings.dense_lr,
-                                 weight_decay=settings.train.weight_decay, seed=settings.seed, device=device,
-                                 progress=progress).history
-    dense = dense.to(device).eval()
-    dense_accuracy = evaluate(dense, test_loader, device=device)["accuracy"]
-    say(f"dense accuracy {100 * dense_accuracy:.2f} %")
+        job.say(f"training the dense {settings.model_name} for {settings.dense_epochs} epochs")
+        job.dense_history = finetune(dense, job.train_loader, epochs=settings.dense_epochs, lr=settings.dense_lr,
+                                     weight_decay=settings.train.weight_decay, seed=settings.seed, device=job.device,
+                                     progress=job.progress).history
+    job.dense = dense.to(job.device).eval()
+    job.dense_accuracy = evaluate(job.dense, job.test_loader, device=job.device)["accuracy"]
+    job.say(f"dense accuracy {100 * job.dense_accuracy:.2f} %")
 
-    # rounds of prune -> fine-tune (-> fuse): torch-pruning's iterative schedule, the fine-tuned weights
-    # loaded back into its model between the steps, so that each step ranks channels by them
-    steps = prune_steps(dense, example, ratio=settings.ratio, steps=settings.rounds * settings.iterative_steps,
+
+def _prune_and_finetune(job: _Job) -> None:
+    """Rounds of prune -> fine-tune (-> fuse): torch-pruning's iterative schedule, the deployed weights
+    loaded back into its model between the steps, so that each step ranks channels by them."""
+    settings = job.settings
+    steps = prune_steps(job.dense, job.example, ratio=settings.ratio, steps=settings.rounds * settings.iterative_steps,
                         importance=settings.importance, global_pruning=settings.global_pruning,
-                        data=itertools.islice(train_loader, 4))
-    rounds = []
+                        data=itertools.islice(job.train_loader, 4))
     for index, epochs in enumerate(settings.round_epochs()):
         for _ in range(settings.iterative_steps):
-            pruned = next(steps)
-        post_prune_accuracy = evaluate(pruned.model, test_loader, device=device)["accuracy"]
+            job.pruned = next(steps)
+        pruned = job.pruned
+        job.post_prune_accuracy = evaluate(pruned.model, job.test_loader, device=job.device)["accuracy"]
         where = f"round {index + 1}/{settings.rounds}: " if settings.rounds > 1 else ""
-        say(f"{where}pruned {1 - pruned.params_after / pruned.params_before:.0%} of the parameters: "
-            f"{pruned.params_before:,} -> {pruned.params_after:,}, accuracy {100 * post_prune_accuracy:.2f} %")
-        results = _finetune_methods(settings, epochs, dense, pruned.model, train_loader, val_loader, test_loader,
-                                    example, device, progress, out, say, suffix=f"_round{index + 1}" if index else "")
-        chosen, why = _choose(settings, results)
-        if why:
-            say(why)
-        deployed = results[chosen]["deployed"]
-        pruned.model.load_state_dict(deployed.state_dict())
-        rounds.append({"round": index + 1, "epochs": epochs, "params": pruned.params_after,
-                       "macs": pruned.macs_after, "widths": pruned.widths_after,
-                       "post_prune_accuracy": post_prune_accuracy, "deployed": chosen,
-                       "methods": {m: {"val_accuracy": r["val_accuracy"], "accuracy": r["accuracy"]}
-                                   for m, r in results.items()}})
-    if main:
-        save(deployed, out / "model.pt")
-    for result in results.values():
-        result.pop("deployed", None)
-    params_deployed, macs_deployed = _count(deployed, example)
-    report = {
-        "settings": dataclasses.asdict(settings),
-        "model": settings.model_name,
-        "device": str(device),
-        "data": {"name": bundle.name, "train": len(bundle.train), "test": len(bundle.test),
-                 "val": len(bundle.val) if bundle.val is not None else 0, "input_shape": list(bundle.input_shape)},
-        "dense_accuracy": dense_accuracy,
-        "post_prune_accuracy": post_prune_accuracy,
-        "rounds": rounds,
-        "deployed": chosen,
-        "selection": why or "as asked",
-        "finetuned_accuracy": results[chosen]["accuracy"],
-        "vanilla_accuracy": results["vanilla"]["accuracy"] if "vanilla" in results else None,
-        "params": {"dense": pruned.params_before, "pruned": pruned.params_after, "fused": params_deployed},
-        "macs": {"dense": pruned.macs_before, "pruned": pruned.macs_after, "fused": macs_deployed},
-        "widths_pruned": pruned.widths_after,
-        "unpruned_layers": pruned.unpruned,
-        "methods": results,
-        "dense_history": dense_history,
-        "model_path": str(final / "model.pt"),
-        "wall_time_s": time.perf_counter() - began,
-    }
-    if main:
-        write_json(out / "report.json", report)
-        plot_curves(out / "curves.png", {m: r["history"] for m, r in results.items()}, dense_accuracy=dense_accuracy,
-                    post_prune_accuracy=post_prune_accuracy,
-                    title=f"{settings.model_name} on {bundle.name}, {settings.ratio:.0%} pruned")
-        say("")
-        say(summary_table(report))
-    return report
+        job.say(f"{where}pruned {1 - pruned.params_after / pruned.params_before:.0%} of the parameters: "
+                f"{pruned.params_before:,} -> {pruned.params_after:,}, accuracy {100 * job.post_prune_accuracy:.2f} %")
+        job.results = _finetune_methods(settings, epochs, job.dense, pruned.model, job.train_loader, job.val_loader,
+                                        job.test_loader, job.example, job.device, job.progress, job.out, job.say,
+                                        suffix=f"_round{index + 1}" if index else "")
+        job.chosen, job.why = _choose(settings, job.results)
+        if job.why:
+            job.say(job.why)
+        pruned.model.load_state_dict(job.results[job.chosen].deployed.state_dict())
+        job.rounds.append(RoundRecord(index + 1, epochs, pruned.params_after, pruned.macs_after, pruned.widths_after,
+                                      job.post_prune_accuracy, job.chosen,
+                                      {m: RoundScore(r.val_accuracy, r.accuracy) for m, r in job.results.items()}))
+
+
+def _report(job: _Job, final: Path) -> RunReport:
+    settings, bundle, pruned, results = job.settings, job.bundle, job.pruned, job.results
+    params_deployed, macs_deployed = _count(results[job.chosen].deployed, job.example)
+    return RunReport(
+        settings=settings, model=settings.model_name, device=str(job.device),
+        data=DataSummary(bundle.name, len(bundle.train), len(bundle.test),
+                         len(bundle.val) if bundle.val is not None else 0, tuple(bundle.input_shape)),
+        dense_accuracy=job.dense_accuracy, post_prune_accuracy=job.post_prune_accuracy, rounds=job.rounds,
+        deployed=job.chosen, selection=job.why or "as asked", finetuned_accuracy=results[job.chosen].accuracy,
+        vanilla_accuracy=results["vanilla"].accuracy if "vanilla" in results else None,
+        params=Counts(pruned.params_before, pruned.params_after, params_deployed),
+        macs=Counts(pruned.macs_before, pruned.macs_after, macs_deployed),
+        widths_pruned=pruned.widths_after, unpruned_layers=pruned.unpruned, methods=results,
+        dense_history=job.dense_history, model_path=str(final / "model.pt"),
+        wall_time_s=time.perf_counter() - job.began)
 
 
 def _check_weights_module(dense: nn.Module, settings: RunSettings) -> None:
     """Refuse a --weights module that is not a dense model of --model, before the data are loaded:
     an expanded model (fuse it first), or another architecture than --model (a whole module would
     otherwise override it silently)."""
-    from .passes.expanded import ExpandedLayer
-
     expanded = [n for n, m in dense.named_modules() if isinstance(m, ExpandedLayer)]
     if expanded:
         raise FxlopError(f"--weights {settings.weights} holds an expanded model ({len(expanded)} expanded layers, "
@@ -560,7 +653,7 @@ def _check_taps(model: nn.Module, taps: list[str] | None) -> None:
 def _choose(settings: RunSettings, results: dict) -> tuple[str, str]:
     """The method to deploy and, when there is something to say about it, why."""
     def score(method):
-        return results[method]["val_accuracy"]
+        return results[method].val_accuracy
 
     if settings.method != "auto":
         chosen = settings.method
@@ -575,16 +668,16 @@ def _choose(settings: RunSettings, results: dict) -> tuple[str, str]:
     return chosen, f"auto: deploying {chosen}, the best on the validation split ({summary}; ties go to vanilla)"
 
 
-def summary_table(report: dict) -> str:
-    rows = [["dense", "", f"{100 * report['dense_accuracy']:.2f}", f"{report['params']['dense']:,}",
-             f"{report['macs']['dense']:,.0f}"],
-            ["pruned", "", f"{100 * report['post_prune_accuracy']:.2f}", f"{report['params']['pruned']:,}",
-             f"{report['macs']['pruned']:,.0f}"]]
-    for method, result in report["methods"].items():
-        mark = " (deployed)" if method == report["deployed"] else ""
-        val = "" if result["val_accuracy"] is None else f"{100 * result['val_accuracy']:.2f}"
-        rows.append([f"fine-tuned: {method}{mark}", val, f"{100 * result['accuracy']:.2f}",
-                     f"{report['params']['fused']:,}", f"{report['macs']['fused']:,.0f}"])
+def summary_table(report: RunReport) -> str:
+    """The terminal table of a run: dense, pruned and every fine-tuned method."""
+    params, macs = report.params, report.macs
+    rows = [["dense", "", f"{100 * report.dense_accuracy:.2f}", f"{params.dense:,}", f"{macs.dense:,.0f}"],
+            ["pruned", "", f"{100 * report.post_prune_accuracy:.2f}", f"{params.pruned:,}", f"{macs.pruned:,.0f}"]]
+    for method, result in report.methods.items():
+        mark = " (deployed)" if method == report.deployed else ""
+        val = "" if result.val_accuracy is None else f"{100 * result.val_accuracy:.2f}"
+        rows.append([f"fine-tuned: {method}{mark}", val, f"{100 * result.accuracy:.2f}", f"{params.fused:,}",
+                     f"{macs.fused:,.0f}"])
     return table(rows, ["model", "validation %", "test %", "params", "MACs"])
 
 
@@ -594,9 +687,9 @@ def _finetune_methods(settings, epochs, dense, pruned, train_loader, val_loader,
     expansion, made before anything trains so that a refused expansion costs nothing."""
     expanded = None
     if any(METHODS[m].lop for m in settings.methods):
-        expanded = expand(pruned, **dataclasses.asdict(settings.expand), seed=settings.seed)
-        plan = expanded.meta["fxlop"]["expand"]
-        say(f"expanded {len(plan['expanded'])} layers: {plan['params_before']:,} -> {plan['params_after']:,} "
+        expanded = expand_with(pruned, dataclasses.replace(settings.expand, seed=settings.seed))
+        plan = report_of(expanded).expand
+        say(f"expanded {len(plan.expanded)} layers: {plan.params_before:,} -> {plan.params_after:,} "
             f"parameters for LOP's fine-tuning")
     results = {}
     for method in settings.methods:
@@ -625,14 +718,13 @@ def _finetune_method(method, settings, epochs, dense, pruned, student, train_loa
     else:
         deployed.load_state_dict(student.state_dict())
     deployed.eval()
-    expanded = student.meta["fxlop"]["expand"] if lop else None
-    return {
-        "accuracy": evaluate(deployed, test_loader, device=device)["accuracy"],
-        "val_accuracy": evaluate(deployed, val_loader, device=device)["accuracy"] if val_loader is not None else None,
-        "history": result.history, "taps": result.taps, "train_time_s": seconds,
-        "time_per_epoch_s": seconds / epochs, "verify_max_relative_error": verified_error,
-        "params_expanded": expanded["params_after"] if expanded else None, "deployed": deployed,
-    }
+    expanded = report_of(student).expand if lop else None
+    return MethodResult(
+        accuracy=evaluate(deployed, test_loader, device=device)["accuracy"],
+        val_accuracy=evaluate(deployed, val_loader, device=device)["accuracy"] if val_loader is not None else None,
+        history=result.history, taps=result.taps, train_time_s=seconds, time_per_epoch_s=seconds / epochs,
+        verify_max_relative_error=verified_error, params_expanded=expanded.params_after if expanded else None,
+        deployed=deployed)
 
 
 def _count(model: nn.Module, example) -> tuple[int, float]:

@@ -1,12 +1,14 @@
 """What a run leaves for people to read: a terminal table, report.json and a PNG of the curves."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .io import atomic_write, write_text
+from .passes.report import as_dict
 
 
 def table(rows: Sequence[Sequence], headers: Sequence[str], markdown: bool = False) -> str:
@@ -29,7 +31,8 @@ def write_json(path: str | os.PathLike, payload) -> None:
 
     Args:
         path: the file to write.
-        payload: JSON data; tensors and arrays (anything with ``tolist``) and paths are converted.
+        payload: JSON data; dataclasses (reports) through :func:`fxlop.passes.as_dict`, tensors and arrays
+            (anything with ``tolist``) and paths are converted.
 
     Raises:
         TypeError: ``payload`` holds something JSON cannot hold (before the file is touched).
@@ -40,6 +43,8 @@ def write_json(path: str | os.PathLike, payload) -> None:
 
 
 def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # reports: the one conversion
+        return as_dict(value)
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, Path):

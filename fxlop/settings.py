@@ -3,11 +3,11 @@ store), :func:`setting`, the dataclass-field helper from which ``fxlop.cli`` bui
 optimizer, schedule, factor learning rate and SP weighting that the settings are checked against."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
 from .errors import FxlopError
+from .passes.options import option
 
 OPTIMIZERS = ("sgd", "adamw")
 #: per-epoch schedules (closed forms over the schedule's length) and torch's OneCycleLR, stepped per batch
@@ -16,13 +16,9 @@ FACTOR_LRS = ("uniform", "normalized")
 SP_WEIGHTINGS = ("absolute", "relative")
 
 
-def setting(default, help: str, *, choices=None, cli: bool = True):
-    """A dataclass field of a settings class, with what a command line needs to offer it
-    (``fxlop.cli`` builds its flags from these)."""
-    metadata = {"help": help, "choices": choices, "cli": cli}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: copy.copy(default), metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+#: the one helper for a settings field with its command-line metadata: the expansion's options, the
+#: fine-tuning settings and the run's settings all use it, and ``fxlop.cli`` builds every flag from it
+setting = option
 
 
 @dataclasses.dataclass

@@ -29,9 +29,10 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import EquivalenceError, FxlopError
-from .passes.expanded import ExpandedLayer, layer_nodes, site_ends
+from .passes.expanded import ExpandedLayer
 from .passes.ops import module_function
-from .passes.tap import _get, _is_get_attr, _stack_names, _weight, linear_layer_names
+from .passes.report import report_of
+from .passes.tap import layer_sites, linear_layer_names
 
 #: default relative tolerance by dtype: rounding of a deep net's outputs, tens of units of roundoff
 #: (a complex dtype takes the tolerance of its real and imaginary parts)
@@ -485,28 +486,20 @@ class _Plan:
 
 def _folded(model: nn.Module) -> list[dict]:
     """The ``{"name", "batchnorm"}`` pairs ``fxlop.fuse(fold_bn=True)`` folded in ``model`` (its report)."""
-    report = model.meta.get("fxlop", {}) if isinstance(model, fx.GraphModule) else getattr(model, "fxlop_report", {})
-    folded = (report or {}).get("fold_bn", {}).get("folded", [])
-    return [pair for pair in folded if isinstance(pair, dict) and "name" in pair]
+    section = report_of(model).fold_bn
+    return [{"name": pair.name, "batchnorm": pair.batchnorm} for pair in (section.folded if section else ())]
 
 
 def _graph_sites(gm: fx.GraphModule, name: str) -> list[fx.Node]:
-    """The nodes whose values are the outputs of the layer ``name``, one per call site, in graph order
-    (the same places :func:`passes.tap.tapped_node` finds, all of them rather than the last)."""
-    nodes = list(gm.graph.nodes)
-    layer = _get(gm, name)
-    if isinstance(layer, ExpandedLayer):
-        ends = site_ends(layer_nodes(gm.graph, name), name, layer)
-        if ends:
-            return ends
-    in_module = [n for n in nodes if name in _stack_names(n)]
-    if in_module:
-        members = set(in_module)
-        return [n for n in in_module if n.op != "get_attr" and any(u not in members for u in n.users)]
-    calls = [n for n in nodes if n.op == "call_module" and n.target == name]
-    if calls:
-        return calls
-    return [n for n in nodes if n.op == "call_function" and _is_get_attr(_weight(n), name)]
+    """The output nodes of the layer ``name``, one per call site (:func:`passes.tap.layer_sites`)."""
+    return layer_sites(gm, name)
+
+
+def _get(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _probed_graph(gm: fx.GraphModule, layers: dict[str, str]) -> fx.GraphModule:

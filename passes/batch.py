@@ -21,10 +21,11 @@ import operator
 
 import torch.fx as fx
 
-from . import linalg
+from . import cost as cost_model
 from .errors import FusionError
 from .expanded import BatchComposer, ExpandedLayer, KernelComposer
 from .graph import set_attr
+from .report import BatchRecord, report_of, with_section
 
 #: the name prefix of the batch composers at the root of a GraphModule
 PREFIX = "fxlop_compose_"
@@ -43,7 +44,7 @@ def batch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphMod
 
     Returns a GraphModule (a copy of ``gm`` unless ``inplace``) that computes the same kernels, with
     each set of two or more such layers composed by one root-level ``fxlop_compose_<i>``
-    :class:`BatchComposer` placed before the first of them; ``meta["fxlop"]["batch"]`` lists the sets.
+    :class:`BatchComposer` placed before the first of them; its report's ``batch`` lists the sets (:class:`passes.report.BatchRecord`).
     Layers composed in a batch already, pointwise layers over :data:`POINTWISE_MAX_MACS`, layers
     without a same-shape partner and ``chain``-mode graphs are left as they are.
     """
@@ -59,7 +60,7 @@ def batch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphMod
         name, layer = found
         factors = list(layer.factors)
         pointwise = math.prod(factors[layer.kernel_index].shape[2:]) == 1
-        cost = linalg.compose_cost([f.shape for f in factors], layer.groups, layer.kernel_index)
+        cost = cost_model.compose_cost([f.shape for f in factors], layer.groups, layer.kernel_index)
         if pointwise and cost > POINTWISE_MAX_MACS:
             continue
         key = (tuple((f.shape, f.dtype, f.device) for f in factors), layer.groups, layer.kernel_index,
@@ -80,10 +81,10 @@ def batch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphMod
             kernels = [graph.call_function(operator.getitem, (batch, i)) for i in range(len(members))]
         for (node, _, _), kernel in zip(members, kernels):
             node.kwargs = {**node.kwargs, "composed": kernel}
-        batches.append({"module": target, "layers": [name for _, name, _ in members]})
+        batches.append(BatchRecord(target, tuple(name for _, name, _ in members)))
     graph.lint()
     gm.recompile()
-    gm.meta.setdefault("fxlop", {})["batch"] = gm.meta.get("fxlop", {}).get("batch", []) + batches
+    with_section(gm, batch=(report_of(gm).batch or ()) + tuple(batches))
     return gm
 
 
@@ -116,7 +117,8 @@ def unbatch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphM
         delattr(gm, batch.target)
     graph.lint()
     gm.recompile()
-    gm.meta.get("fxlop", {}).pop("batch", None)
+    if report_of(gm).batch is not None:
+        with_section(gm, batch=None)
     return gm
 
 

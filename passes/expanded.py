@@ -261,7 +261,7 @@ class ExpandedLayer(nn.Module):
     @weight.setter
     def weight(self, value) -> None:
         raise ExpansionError("the weight of an expanded layer is composed from its factors and cannot be assigned: "
-                             "change layer.factors, or fxlop.fuse the model first")
+                             "change layer.factors, or fuse the model first (passes.fuse, passes.fuse_modules)")
 
     def fused_weight(self) -> Tensor:
         """The end-to-end weight as the replaced layer stored it, composed in float64 and cast back to
@@ -311,7 +311,7 @@ class ExpandedLayer(nn.Module):
         replaces every child that has ``fuse()`` by its result)."""
         if self.source is None or self.in_graph:
             raise FusionError("this expanded layer is part of a graph (or a functional weight): fuse the whole "
-                              "model with fxlop.fuse(gm)")
+                              "model with passes.fuse(gm)")
         return self.fused()
 
     def forward(self, x: Tensor) -> Tensor:

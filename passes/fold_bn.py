@@ -11,6 +11,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import linalg
 from .expanded import parameter_count
+from .report import FoldedRecord, FoldReport, with_section
 from .ops import MODULE_FUNCTIONS, SPATIAL_DIMS
 
 _BATCHNORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
@@ -21,7 +22,7 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs=None) -> fx.GraphModule:
 
     The folded model computes what ``gm`` computes in eval mode (running statistics), so fold
     only for deployment.  ``W' = W gamma / sigma``, ``b' = beta + (b - mu) gamma / sigma`` in float64 (float32 on MPS).
-    A pair is left alone, with the reason in ``meta["fxlop"]["fold_bn"]``, when the conv or the
+    A pair is left alone, with the reason in its report's ``fold_bn`` (:class:`passes.report.FoldReport`), when the conv or the
     BatchNorm is used anywhere else, the BatchNorm has no running statistics, or the dims do not
     fit.  ``linear -> BatchNorm1d`` is folded only where ``example_inputs`` show a 2-D output:
     on 3-D input BatchNorm1d normalizes another dim than the linear's features.
@@ -44,7 +45,7 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs=None) -> fx.GraphModule:
         layer, bn = modules[source.target], modules[bn_node.target]
         reason = _unfoldable(source, bn_node, layer, bn, calls, read_attrs)
         if reason is not None:
-            skipped.append({"name": source.target, "batchnorm": bn_node.target, "reason": reason})
+            skipped.append(FoldedRecord(source.target, bn_node.target, reason))
             continue
         exact = linalg.compute_dtype(layer.weight.device)  # float64, float32 where the device has no float64
 
@@ -58,11 +59,10 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs=None) -> fx.GraphModule:
         bn_node.replace_all_uses_with(source)
         gm.graph.erase_node(bn_node)
         gm.delete_submodule(bn_node.target)
-        folded.append({"name": source.target, "batchnorm": bn_node.target})
+        folded.append(FoldedRecord(source.target, bn_node.target))
     gm.graph.lint()
     gm.recompile()
-    gm.meta.setdefault("fxlop", {})["fold_bn"] = {"folded": folded, "skipped": skipped,
-                                                 "params": parameter_count(gm)}
+    with_section(gm, fold_bn=FoldReport(tuple(folded), tuple(skipped), parameter_count(gm)))
     return gm
 
 

@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 
 import networkx as nx
+import torch
 import torch.fx as fx
+import torch.nn as nn
 
-from . import linalg
+from . import cost
 from .batch import unbatch_compositions
 from .errors import FusionError
-from .expand import progress
 from .expanded import COMPOSED, ExpandedLayer, chain_plan, layer_nodes, parameter_count, site_ends
 from .graph import dataflow, inserting_before_with_meta, set_attr
 from .ops import Call, bind, call_of_node, emit, match_pad, transpose_like
+from .progress import progress
+from .report import FusedRecord, FuseReport, with_section
 
 
 @dataclasses.dataclass
@@ -82,23 +86,22 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
         for node in biases:
             if not node.users:
                 graph.erase_node(node)
-        fused.append({"name": name, "call_sites": len(sites),
-                      "type": layer.source[0].__name__ if layer.source else "functional weight"})
+        fused.append(FusedRecord(name, len(sites), layer.source[0].__name__ if layer.source else "functional weight"))
     graph.lint()
     gm.recompile()
-    gm.meta.setdefault("fxlop", {})["fuse"] = {"fused": fused, "params": parameter_count(gm)}
+    with_section(gm, fuse=FuseReport(tuple(fused), parameter_count(gm)))
     return gm
 
 
 def fuse_progress(layers: dict[str, ExpandedLayer]):
     """``layers.items()`` with a progress bar weighted by each layer's estimated seconds (multiply-adds
     of composing it, at the speed of its device); shown on a terminal when fusing takes over two seconds."""
-    costs = {name: linalg.compose_cost([f.shape for f in layer.factors], layer.groups, layer.kernel_index)
+    costs = {name: cost.compose_cost([f.shape for f in layer.factors], layer.groups, layer.kernel_index)
              for name, layer in layers.items()}
     work = sum(costs.values())
     seconds = []
     for name, layer in layers.items():
-        rates = linalg.rates_for(layer.factors[0].device, layer.factors[0].dtype, work)
+        rates = cost.rates_for(layer.factors[0].device, layer.factors[0].dtype, work)
         seconds.append(costs[name] / rates.combine + 2 * sum(f.numel() for f in layer.factors) / rates.move)
     return progress(list(layers.items()), "fuse", seconds, list(layers))
 
@@ -159,3 +162,67 @@ def _check_boundary(flow: nx.DiGraph, name: str, own: list[fx.Node], sites: list
             raise FusionError(f"cannot fuse expanded layer '{name}': node '{reader.name}' "
                               f"({reader.format_node()}) reads '{source.name}' from inside its expanded "
                               f"subgraph, which fusion would remove")
+
+
+def fuse_modules(model: nn.Module, *, in_place: bool = False,
+                 into: Mapping[ExpandedLayer, nn.Module] | None = None) -> nn.Module:
+    """Fuse every :class:`ExpandedLayer` of a module tree back into one conv/linear: the way back from
+    :func:`passes.expand_modules`, for a copy and in place.
+
+    Every weight is composed (float64, cast back to the factors' dtype and device) before any module
+    is put back, so a failure leaves ``model`` exactly as it was.  Shared layers stay shared.  The
+    report's ``fuse`` section lists the fused layers.
+
+    Args:
+        model: a model holding expanded layers (not one itself).
+        in_place: fuse ``model``'s own layers instead of a copy's.
+        into: with ``in_place``, the module each layer replaced, by layer: the composed weight is
+            written into that module's own ``weight`` parameter (its ``bias`` becomes the layer's) and
+            the module is put back, so every weight ``Parameter`` is the one it had before the expansion
+            (``fxlop.overparameterized``).  Layers not in it are rebuilt as for a copy.
+
+    Returns:
+        The fused copy, or ``model`` itself with ``in_place``.
+
+    Raises:
+        FusionError: ``into`` without ``in_place``; a layer whose factors do not compose to its
+            weight's shape (edited since the expansion); ``model`` is unchanged.
+    """
+    if into and not in_place:
+        raise FusionError("fuse_modules: into= writes the weights into the original modules, which needs in_place=True")
+    if not in_place:
+        model = copy.deepcopy(model)
+    into = into or {}
+    layers: dict[int, tuple[ExpandedLayer, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, ExpandedLayer):
+            layers.setdefault(id(module), (module, []))[1].append(name)
+    replacements = []
+    with torch.no_grad():  # every weight composed before anything is put back
+        for layer, names in layers.values():
+            original = into.get(layer)
+            if original is None:
+                replacements.append((names, layer.fused(names[0]), None))
+                continue
+            try:
+                weight = layer.fused_weight()
+            except RuntimeError as error:  # factors edited to shapes that do not chain
+                raise FusionError(f"'{names[0]}': its factors do not compose ({error})") from error
+            if weight.shape != original.weight.shape:
+                raise FusionError(f"'{names[0]}' composes to a weight of shape {tuple(weight.shape)}, not "
+                                  f"{tuple(original.weight.shape)}")
+            replacements.append((names, original, (layer, weight.detach())))
+    for names, module, written in replacements:
+        if written is not None:
+            layer, weight = written
+            module.weight.data = weight  # the same Parameter, now on the factors' device and dtype
+            module.weight.grad = None
+            if module.bias is not layer.bias:
+                module.bias = layer.bias
+            module.train(layer.training)
+        for name in names:
+            set_attr(model, name, module)
+    fused = [FusedRecord(names[0], None, type(module).__name__ if isinstance(module, nn.Module) else "functional weight")
+             for names, module, _ in replacements]
+    with_section(model, fuse=FuseReport(tuple(fused), parameter_count(model)))
+    return model

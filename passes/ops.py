@@ -71,6 +71,12 @@ def module_function(module: nn.Module) -> Callable | None:
     return function
 
 
+def is_expandable(module: nn.Module) -> bool:
+    """Whether the expansion can rewrite ``module`` itself: an ``nn.Conv1d/2d/3d``, ``nn.Linear`` or Hugging
+    Face ``Conv1D`` of exactly that type."""
+    return module_function(module) is not None
+
+
 def linear_like(function: Callable) -> Callable:
     """The ``linear`` of the same graph dialect as ``function`` (``aten`` ops in export graphs)."""
     return _ATEN.linear.default if isinstance(function, torch._ops.OpOverload) else F.linear

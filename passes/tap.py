@@ -129,6 +129,35 @@ def match_names(patterns: Iterable[str], names: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
+def layer_sites(gm: fx.GraphModule, name: str) -> list[fx.Node]:
+    """The nodes whose values are the outputs of the layer ``name``, one per call site, in graph order
+    (the places :func:`tapped_node` looks at, all of them rather than the last): an expanded layer's
+    chain ends, the nodes a module's own forward made, its ``call_module`` nodes, or the calls that
+    read a functional weight of that name.
+
+    Args:
+        gm: the graph.
+        name: a layer's qualified name (a module, or a functional weight's parameter).
+
+    Returns:
+        The nodes; empty if the graph does not call the layer.
+    """
+    nodes = list(gm.graph.nodes)
+    layer = _get(gm, name)
+    if isinstance(layer, ExpandedLayer):
+        ends = site_ends(layer_nodes(gm.graph, name), name, layer)
+        if ends:
+            return ends
+    in_module = [n for n in nodes if name in _stack_names(n)]
+    if in_module:
+        members = set(in_module)
+        return [n for n in in_module if n.op != "get_attr" and any(u not in members for u in n.users)]
+    calls = [n for n in nodes if n.op == "call_module" and n.target == name]
+    if calls:
+        return calls
+    return [n for n in nodes if n.op == "call_function" and _is_get_attr(_weight(n), name)]
+
+
 def _stack_names(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
     return [qualified for qualified, _ in stack.values()]

@@ -60,11 +60,11 @@ def trace(model: nn.Module, *, leaf_modules: Patterns = None) -> fx.GraphModule:
             where = f"in module '{name}' ({module_type.__name__})"
             hint = (f"Keep it as an opaque leaf with leaf_modules=['{name}'] (or "
                     f"leaf_modules=[{module_type.__name__}]); its own layers are then not expanded. Or expand "
-                    f"without tracing: fxlop.expand(model, trace=False), or expand the graph of "
+                    f"without tracing (expand_modules, or trace=False), or expand the graph of "
                     f"torch.export.export(model, example_args).")
         else:
             where = f"in the forward of {type(model).__name__} itself"
-            hint = ("Expand without tracing (fxlop.expand(model, trace=False); Hugging Face models need this or "
+            hint = ("Expand without tracing (expand_modules, or trace=False; Hugging Face models need this or "
                     "torch.export), expand the graph of torch.export.export(model, example_args), move the "
                     "untraceable code into a submodule and pass it as a leaf (leaf_modules=[...]), or trace the "
                     "model yourself and pass the GraphModule.")
