@@ -98,7 +98,10 @@ def test_run_in_rounds_reaches_the_one_shot_widths(tmp_path):
 
 
 def _results(**val_accuracy):
-    return {m: {"val_accuracy": v} for m, v in val_accuracy.items()}
+    from fxlop.pipeline import MethodResult
+
+    return {m: MethodResult(accuracy=v, val_accuracy=v, history=[], taps=[], train_time_s=0.0, time_per_epoch_s=0.0,
+                            verify_max_relative_error=None, params_expanded=None) for m, v in val_accuracy.items()}
 
 
 def test_auto_deploys_the_best_on_validation_and_ties_go_to_vanilla():
@@ -165,8 +168,8 @@ def test_expand_command_pointwise_expansion(tmp_path, flag, fc_width):
 
 
 def test_run_flags_come_from_the_settings_classes(capsys):
-    from fxlop.pipeline import ExpandOptions, RunSettings
-    from fxlop.train import TrainConfig
+    from fxlop import ExpandOptions, TrainConfig
+    from fxlop.pipeline import RunSettings
 
     help_text = " ".join(_cli("run", "--help")[1].split())
     for cls in (RunSettings, TrainConfig, ExpandOptions):
@@ -177,6 +180,36 @@ def test_run_flags_come_from_the_settings_classes(capsys):
     assert main(["run", "--importance", "magnitude"]) == 1
     err = capsys.readouterr().err
     assert "invalid choice: 'magnitude'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_keyword_of_expand_is_an_option_and_a_flag_of_both_commands():
+    import inspect
+
+    fields = {f.name: f.default for f in dataclasses.fields(fxlop.ExpandOptions)}
+    signature = inspect.signature(fxlop.expand).parameters
+    keywords = {n: p.default for n, p in signature.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords == fields  # the signature the docs show is the options model, defaults included
+    in_place = {n: p.default for n, p in inspect.signature(fxlop.overparameterized).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert in_place == {n: d for n, d in fields.items() if n not in ("leaf_modules", "trace")}  # a module swap
+    for command in ("expand", "run"):
+        help_text = " ".join(_cli(command, "--help")[1].split())
+        for name in keywords:
+            assert f"--{name.replace('_', '-')}" in help_text, (command, name)
+
+
+def test_expand_command_takes_every_option(tmp_path, capsys):
+    torch.save(build_model("resnet20", num_classes=10, in_channels=1).eval(), tmp_path / "model.pt")
+    args = ["expand", str(tmp_path / "model.pt"), str(tmp_path / "out.pt"), "--init", "balanced", "--exclude", "fc",
+            "--include", "conv1", "fc", "--no-trace", "--max-params", "none", "--seed", "3"]
+    assert main(args) == 0
+    expanded = torch.load(tmp_path / "out.pt", weights_only=False)
+    report = fxlop.report(expanded).expand
+    assert not isinstance(expanded, torch.fx.GraphModule) and not report.traced  # --no-trace: a module swap
+    assert [r.name for r in report.expanded] == ["conv1"] and report.skipped_reasons["fc"] == "matched by exclude"
+    assert (report.options.init, report.options.seed, report.options.include) == ("balanced", 3, ("conv1", "fc"))
+    assert main(["expand", str(tmp_path / "model.pt"), str(tmp_path / "x.pt"), "--init", "sideways"]) == 1
+    assert "invalid choice: 'sideways'" in capsys.readouterr().err
 
 
 def test_run_settings_from_flags(monkeypatch):
