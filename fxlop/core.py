@@ -50,9 +50,8 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
         max_params: the most parameters the expanded model may hold.
         max_bytes: the most memory the expansion may add (estimated).
         max_seconds: the longest the expansion and its fuse may take (estimated).
-        max_layer_params: the most parameters one layer's factors may hold.
-
-        Each is a field of :class:`fxlop.ExpandOptions`, which says more; ``None`` lifts a limit.
+        max_layer_params: the most parameters one layer's factors may hold (each option is a field
+            of :class:`fxlop.ExpandOptions`, which says more; ``None`` lifts a limit).
 
     Returns:
         A GraphModule (also for an ExportedProgram: fine-tune it, :func:`fuse` it, and
