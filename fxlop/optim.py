@@ -81,8 +81,8 @@ _FUSED_DEVICES = ("cpu", "cuda")
 def _fused_supported(params) -> bool | None:
     """``True`` where torch's fused SGD/AdamW step can update ``params`` (one kernel per parameter; the
     default on a CPU loops over the update's ops tensor by tensor), else ``None`` (torch's own choice).
-    An expanded model holds several times the pruned model's parameters: over the 16 M factors of an
-    expanded MobileNetV2 the loop took 45 ms a step, the fused kernel 19 ms (one CPU thread)."""
+    An expanded model holds several times the pruned model's parameters, so the per-tensor loop
+    costs (docs/results/speed.md, "Measurements behind the defaults")."""
     params = list(params)
     if params and all(p.device.type in _FUSED_DEVICES and p.is_floating_point() for p in params):
         return True

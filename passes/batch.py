@@ -1,10 +1,9 @@
 """Compose the kernels of same-shape expanded layers together: the batching pass of the ``online`` mode.
 
 In an ``online`` graph each expanded layer composes its kernel from its factors with a few small
-matmuls before its conv runs.  A ResNet-56 pruned 50 % has 55 expanded layers in 9 factor shapes, and
-on a CPU composing them one at a time is mostly per-op overhead (autograd included) on small
-matrices: 33.9 ms of forward and backward per training step, 20.4 ms with the layers of each shape
-composed together (2 threads; the speed table in docs/results/speed.md).
+matmuls before its conv runs.  Pruned networks hold many layers of few factor shapes, and on a CPU
+composing them one at a time is mostly per-op overhead (autograd included) on small matrices;
+composing each shape's layers together removes most of it (measured in docs/results/speed.md).
 
 :func:`batch_compositions` puts one :class:`~passes.expanded.BatchComposer` call before the first of
 each set of layers whose factors have the same shapes, dtype and device, and hands each layer's
@@ -33,9 +32,8 @@ PREFIX = "fxlop_compose_"
 #: this many multiply-adds.  A spatial kernel factor is copied into the layout its matmuls need either
 #: way, so batching those layers costs no memory; a pointwise layer composes from views of its factors,
 #: and batching saves a copy of them for the backward pass: worth it only where the per-op overhead
-#: (about 0.2 ms per layer, forward and backward, on a 2-core CPU) outweighs the arithmetic (the
-#: MobileNetV2 sets gained up to 4M multiply-adds, a 19M one lost; a ViT's saved 4 % of memory more
-#: and no time).
+#: outweighs the arithmetic, which small pointwise layers do and large ones do not (docs/results/speed.md,
+#: "Measurements behind the defaults").
 POINTWISE_MAX_MACS = 2**22
 
 

@@ -17,9 +17,9 @@ from .errors import ExpansionError
 from .options import ExpandOptions
 
 
-#: the seconds estimate has come out up to 1.44x short on the zoo's models (RegNet, ConvNeXt; 2-core CPU) and
-#: up to 3x long (small models, where the per-layer overhead dominates): a call is refused once
-#: SECONDS_MARGIN times its estimate is over ``max_seconds``, so that what is accepted finishes in time
+#: the seconds estimate errs both ways (short on the largest models, long on small ones, where the
+#: per-layer overhead dominates; docs/results/speed.md): a call is refused once SECONDS_MARGIN times
+#: its estimate is over ``max_seconds``, so that what is accepted finishes in time
 SECONDS_MARGIN = 1.5
 
 

@@ -65,10 +65,8 @@ class KernelComposer(nn.Module):
     training mode, autograd, ``train()`` and ``.to()``/``.cuda()``/``.half()`` drop it, and so do
     ``copy``/``pickle``.
 
-    Why cache at all (eval inference, 2-core CPU, medians of 21 interleaved rounds, pruned 50 %):
-    composing on every call took 10.8 vs 7.0 ms (checked cache) per batch of 1 on ResNet-20 and
-    201 vs 69 ms on a 6 x 192 ViT; at batch 64 the two were within noise on ResNet-20 and 1.3x
-    apart on the ViT.  The fused model is faster still (3.6 and 15 ms): deploy that.
+    The cache pays at small eval batches, where composing dominates; the fused model is faster
+    still: deploy that (docs/results/speed.md, "Measurements behind the defaults").
     """
 
     def __init__(self, groups: int, kernel_index: int, order: str):
