@@ -11,6 +11,7 @@ import fxlop.passes.batch
 from fxlop.models import build_model
 from fxlop.verify import relative_error
 from fxlop.passes import BatchComposer, ExpandedLayer, linalg
+from fxlop.passes import cost as cost_model
 
 from conftest import FP32_RTOL
 
@@ -31,14 +32,14 @@ def test_same_shape_layers_compose_together_and_compute_the_same():
     model = _resnet()
     gm = fxlop.expand(model)
     per_layer = passes.unbatch_compositions(gm)
-    sets = gm.meta["fxlop"]["batch"]
+    sets = fxlop.report(gm).batch
     # resnet20: each stage's 3x3 convs after the first have one shape; the stem, the first conv of
     # stages 2 and 3, the 1x1 shortcuts and the classifier are alone in theirs
-    assert [len(s["layers"]) for s in sets] == [6, 5, 5]
+    assert [len(s.layers) for s in sets] == [6, 5, 5]
     for batch in sets:
-        layers = [gm.get_submodule(name) for name in batch["layers"]]
+        layers = [gm.get_submodule(name) for name in batch.layers]
         assert all(_shapes(layer) == _shapes(layers[0]) for layer in layers)
-        assert gm.get_submodule(batch["module"]).layers == len(layers)
+        assert gm.get_submodule(batch.module).layers == len(layers)
     x = torch.randn(4, 3, 32, 32)
     out, expected = gm(x), per_layer(x)
     assert relative_error(out, expected) <= FP32_RTOL
@@ -57,7 +58,7 @@ def test_unbatch_gives_back_the_per_layer_graph():
     unbatched = passes.unbatch_compositions(gm)
     assert [(n.op, n.target, n.kwargs) for n in unbatched.graph.nodes] == \
            [(n.op, n.target, n.kwargs) for n in plain.graph.nodes]
-    assert not _batches(unbatched) and "batch" not in unbatched.meta["fxlop"]
+    assert not _batches(unbatched) and fxlop.report(unbatched).batch is None
     assert _batches(gm)  # the input is not changed
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(unbatched(x), plain(x))
@@ -82,9 +83,9 @@ def test_small_pointwise_layers_batch_and_large_ones_do_not():
     gm = fxlop.expand(nn.Sequential(*small, *large))
     for name in ("0", "1", "2", "3"):
         layer = gm.get_submodule(name)
-        cost = linalg.compose_cost(_shapes(layer), layer.groups, layer.kernel_index)
+        cost = cost_model.compose_cost(_shapes(layer), layer.groups, layer.kernel_index)
         assert (cost <= passes.batch.POINTWISE_MAX_MACS) == (name in ("0", "1"))
-    assert [s["layers"] for s in gm.meta["fxlop"]["batch"]] == [["0", "1"]]
+    assert [s.layers for s in fxlop.report(gm).batch] == [("0", "1")]
 
 
 def test_layers_of_other_dtypes_or_shapes_are_not_batched_together():
@@ -92,7 +93,7 @@ def test_layers_of_other_dtypes_or_shapes_are_not_batched_together():
                           nn.Conv2d(4, 6, 3, padding=1))
     model[2:].double()
     gm = fxlop.expand(nn.Sequential(model[:2], _ToDouble(), model[2:]))
-    assert [s["layers"] for s in gm.meta["fxlop"]["batch"]] == [["0.0", "0.1"]]
+    assert [s.layers for s in fxlop.report(gm).batch] == [("0.0", "0.1")]
 
 
 class _ToDouble(nn.Module):
@@ -119,7 +120,7 @@ def test_batch_composer_composes_mixed_dtypes_and_devices_one_by_one():
 def test_batched_kernels_are_cached_in_eval_and_never_stale():
     gm = fxlop.expand(_resnet()).eval()
     name, composer = next(iter(_batches(gm).items()))
-    layer = gm.get_submodule(gm.meta["fxlop"]["batch"][0]["layers"][2])
+    layer = gm.get_submodule(fxlop.report(gm).batch[0].layers[2])
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         before = gm(x)
@@ -140,10 +141,10 @@ def test_expanding_a_batched_model_again_batches_only_the_new_layers():
     model = _resnet()
     first = fxlop.expand(model, include="layer1.*")
     again = fxlop.expand(first)
-    sets = again.meta["fxlop"]["batch"]
-    assert sets[0] == first.meta["fxlop"]["batch"][0]
-    assert all(not name.startswith("layer1.") for s in sets[1:] for name in s["layers"])
-    assert len({s["module"] for s in sets}) == len(sets)
+    sets = fxlop.report(again).batch
+    assert sets[0] == fxlop.report(first).batch[0]
+    assert all(not name.startswith("layer1.") for s in sets[1:] for name in s.layers)
+    assert len({s.module for s in sets}) == len(sets)
     x = torch.randn(2, 3, 32, 32)
     assert relative_error(again(x), model(x)) <= FP32_RTOL
     assert relative_error(fxlop.fuse(again)(x), model(x)) <= FP32_RTOL

@@ -1,6 +1,5 @@
 """Bounded time and memory: estimates made from shapes before anything is allocated, the wide-layer
 policy, refusals that name the layer and options that really fit, progress bars."""
-import importlib
 import math
 import re
 import warnings
@@ -13,11 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxlop
 from fxlop.verify import relative_error
-from fxlop.passes import linalg
+from fxlop.passes import cost as cost_model, linalg, progress
+from fxlop.passes.budget import SECONDS_MARGIN
+from fxlop.passes.options import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS
 
 from conftest import FP32_RTOL
-
-expand_pass = importlib.import_module("fxlop.passes.expand")  # the module, not the function passes exports
 
 
 class Allocations(TorchDispatchMode):
@@ -52,10 +51,10 @@ def _two_layers(wide=256, narrow=8):
 @pytest.mark.parametrize("depth,expansion", [(2, 4), (3, 4), (5, 1.5)])
 def test_estimated_parameters_are_the_expanded_model_parameters(model, depth, expansion):
     gm = fxlop.expand(model, depth=depth, expansion=expansion)
-    report = gm.meta["fxlop"]["expand"]
-    assert report["estimate"]["params"] == report["params_after"] == sum(p.numel() for p in gm.parameters())
+    report = fxlop.report(gm).expand
+    assert report.estimate.params == report.params_after == sum(p.numel() for p in gm.parameters())
     factor_bytes = sum(p.numel() * p.element_size() for n, p in gm.named_parameters() if ".factors." in n)
-    assert report["estimate"]["bytes"] > factor_bytes  # plus the copy and the temporaries
+    assert report.estimate.bytes > factor_bytes  # plus the copy and the temporaries
 
 
 @pytest.mark.parametrize("shape,groups,depth", [((48, 32), 1, 3), ((24, 4, 3, 3), 2, 3), ((32, 16, 3), 1, 4),
@@ -65,16 +64,16 @@ def test_fuse_cost_counts_the_multiply_adds_of_composing(shape, groups, depth):
     factors = [torch.randn(s, dtype=torch.float64) for s in shapes]
     with FlopCounterMode(display=False) as counter:
         linalg.compose_exact(factors, groups, kernel_index)
-    assert counter.get_total_flops() == 2 * linalg.compose_cost(shapes, groups, kernel_index)
-    cost = linalg.factorize_cost(shape, groups, shapes, kernel_index, torch.float32, "cpu")
-    assert cost.fuse == linalg.compose_cost(shapes, groups, kernel_index)
+    assert counter.get_total_flops() == 2 * cost_model.compose_cost(shapes, groups, kernel_index)
+    cost = cost_model.factorize_cost(shape, groups, shapes, kernel_index, torch.float32, "cpu")
+    assert cost.fuse == cost_model.compose_cost(shapes, groups, kernel_index)
     assert cost.params == sum(math.prod(s) for s in shapes)
 
 
 def test_factorize_cost_bounds_its_matrix_products():
     weight = torch.randn(96, 40)
     shapes, kernel_index = linalg.chain_shapes(weight.shape, 1, 4, 3)
-    cost = linalg.factorize_cost(weight.shape, 1, shapes, kernel_index, weight.dtype, weight.device)
+    cost = cost_model.factorize_cost(weight.shape, 1, shapes, kernel_index, weight.dtype, weight.device)
     with FlopCounterMode(display=False) as counter:
         linalg.factorize(weight, 1, shapes, kernel_index, linalg.generator(0, "cpu"))
     # the products torch counts (Gram matrices and the kernel; not QR or triangular solves) are in the
@@ -84,18 +83,18 @@ def test_factorize_cost_bounds_its_matrix_products():
 
 def test_wide_layer_gets_a_lower_expansion_and_stays_exact():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
-    full = [e["params_after"] for e in fxlop.expand(model, **EVERY_LAYER).meta["fxlop"]["expand"]["expanded"]]
+    full = [e.params_after for e in fxlop.report(fxlop.expand(model, **EVERY_LAYER)).expand.expanded]
     assert full[0] > full[1]
     with pytest.warns(UserWarning, match="1 layers expanded at a lower expansion"):
         gm = fxlop.expand(model, max_layer_params=full[0] - 1, **EVERY_LAYER)
-    report = gm.meta["fxlop"]["expand"]
-    assert [r["name"] for r in report["reduced"]] == ["0"]
-    first, second = report["expanded"]
+    report = fxlop.report(gm).expand
+    assert [r.name for r in report.reduced] == ["0"]
+    first, second = report.expanded
     # the largest quarter step whose factors fit: 3.75 gives 30 and 240 hidden widths
-    assert first["expansion"] == report["reduced"][0]["expansion"] == 3.75
-    assert first["factor_shapes"] == [[30, 8], [240, 30], [64, 240]]
-    assert first["params_after"] == report["reduced"][0]["params"] <= full[0] - 1
-    assert second["expansion"] == 4 and second["params_after"] == full[1]
+    assert first.expansion == report.reduced[0].expansion == 3.75
+    assert first.factor_shapes == ((30, 8), (240, 30), (64, 240))
+    assert first.params_after == report.reduced[0].params <= full[0] - 1
+    assert second.expansion == 4 and second.params_after == full[1]
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert relative_error(gm(x), model(x)) <= FP32_RTOL
@@ -106,30 +105,30 @@ def test_layer_too_wide_even_at_expansion_one_is_left_dense_and_reported():
     at_one = sum(math.prod(s) for s in linalg.chain_shapes((64, 8), 1, 1, 3)[0])
     with pytest.warns(UserWarning, match="left dense"):
         gm = fxlop.expand(model, max_layer_params=at_one - 1)
-    report = gm.meta["fxlop"]["expand"]
-    assert report["expanded"] == [] and report["reduced"] == []
-    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
+    report = fxlop.report(gm).expand
+    assert report.expanded == () and report.reduced == ()
+    reasons = {s.name: s.reason for s in report.skipped}
     assert re.search(rf"even at expansion 1, over max_layer_params={at_one - 1:,}: left dense", reasons["0"])
     assert type(gm.get_submodule("0")) is nn.Linear
 
 
 def test_same_policy_without_tracing():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
-    full = fxlop.expand(model, **EVERY_LAYER).meta["fxlop"]["expand"]["expanded"][0]["params_after"]
+    full = fxlop.report(fxlop.expand(model, **EVERY_LAYER)).expand.expanded[0].params_after
     with pytest.warns(UserWarning):
-        traced = fxlop.report(fxlop.expand(model, max_layer_params=full - 1, **EVERY_LAYER))["expand"]
+        traced = fxlop.report(fxlop.expand(model, max_layer_params=full - 1, **EVERY_LAYER)).expand
     with pytest.warns(UserWarning):
-        eager = fxlop.report(fxlop.expand(model, max_layer_params=full - 1, trace=False, **EVERY_LAYER))["expand"]
-    assert traced["reduced"] == eager["reduced"] and len(traced["reduced"]) == 1
-    assert [e["factor_shapes"] for e in traced["expanded"]] == [e["factor_shapes"] for e in eager["expanded"]]
-    assert traced["estimate"]["params"] == eager["estimate"]["params"]
+        eager = fxlop.report(fxlop.expand(model, max_layer_params=full - 1, trace=False, **EVERY_LAYER)).expand
+    assert traced.reduced == eager.reduced and len(traced.reduced) == 1
+    assert [e.factor_shapes for e in traced.expanded] == [e.factor_shapes for e in eager.expanded]
+    assert traced.estimate.params == eager.estimate.params
 
 
 @pytest.mark.parametrize("trace", [True, False])
 def test_refused_at_once_before_anything_large_is_allocated(trace):
     """A 2048 x 2048 linear at expansion 4: 4M parameters become 67M, with ~1 GB of float64 temporaries."""
     model = nn.Sequential(nn.Linear(2048, 2048))
-    linalg.rates("cpu")  # measured once per process: whether or not an earlier test did, not counted here
+    cost_model.rates("cpu")  # measured once per process: whether or not an earlier test did, not counted here
     weight = model[0].weight
     allocations = Allocations(weight.numel() // 4)
     with allocations, pytest.raises(fxlop.ExpansionError) as refused:
@@ -159,11 +158,11 @@ def _options(message: str) -> dict:
 @pytest.mark.parametrize("limit", ["max_params", "max_bytes", "max_seconds"])
 def test_every_option_the_refusal_offers_fits(limit):
     model = nn.Sequential(nn.Linear(16, 96), nn.ReLU(), nn.Linear(96, 96), nn.ReLU(), nn.Linear(96, 4))
-    estimate = fxlop.expand(model, **EVERY_LAYER).meta["fxlop"]["expand"]["estimate"]
-    value = {"max_params": estimate["params"], "max_bytes": estimate["bytes"],
-             "max_seconds": sum(estimate["seconds"].values())}[limit]
+    estimate = fxlop.report(fxlop.expand(model, **EVERY_LAYER)).expand.estimate
+    value = {"max_params": estimate.params, "max_bytes": estimate.bytes,
+             "max_seconds": estimate.seconds}[limit]
     # 30 % over the limit (for seconds: the estimate with its margin, as the refusal counts it)
-    limits = {limit: type(value)(0.7 * value * (expand_pass.SECONDS_MARGIN if limit == "max_seconds" else 1)),
+    limits = {limit: type(value)(0.7 * value * (SECONDS_MARGIN if limit == "max_seconds" else 1)),
               **EVERY_LAYER}
     with pytest.raises(fxlop.ExpansionError, match=limit) as refused:
         fxlop.expand(model, **limits)
@@ -180,12 +179,12 @@ def test_every_option_the_refusal_offers_fits(limit):
 
 def test_wide_pointwise_layer_is_reduced_from_its_own_expansion():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Conv1d(1, 2, 3))
-    full = fxlop.expand(model, pointwise_expansion=2).meta["fxlop"]["expand"]["expanded"][0]["params_after"]
+    full = fxlop.report(fxlop.expand(model, pointwise_expansion=2)).expand.expanded[0].params_after
     with pytest.warns(UserWarning, match="1 layers expanded at a lower expansion"):
-        report = fxlop.report(fxlop.expand(model, pointwise_expansion=2, max_layer_params=full - 1))["expand"]
-    assert [(r["name"], r["expansion"]) for r in report["reduced"]] == [("0", 1.75)]
-    assert re.search(r"parameters at expansion 2, over max_layer_params", report["reduced"][0]["reason"])
-    assert [e["expansion"] for e in report["expanded"]] == [1.75, 4]
+        report = fxlop.report(fxlop.expand(model, pointwise_expansion=2, max_layer_params=full - 1)).expand
+    assert [(r.name, r.expansion) for r in report.reduced] == [("0", 1.75)]
+    assert re.search(r"parameters at expansion 2, over max_layer_params", report.reduced[0].reason)
+    assert [e.expansion for e in report.expanded] == [1.75, 4]
 
 
 def test_refusal_names_both_widths():
@@ -198,8 +197,8 @@ def test_seconds_limit_keeps_a_margin_for_the_estimates_error():
     """Estimates err both ways (the zoo saw 1.44x short): a call is refused once SECONDS_MARGIN times its
     estimate is over max_seconds, and accepted when that fits."""
     model = nn.Sequential(nn.Linear(16, 96), nn.ReLU(), nn.Linear(96, 4))
-    seconds = sum(fxlop.expand(model).meta["fxlop"]["expand"]["estimate"]["seconds"].values())
-    margin = expand_pass.SECONDS_MARGIN
+    seconds = fxlop.report(fxlop.expand(model)).expand.estimate.seconds
+    margin = SECONDS_MARGIN
     assert margin > 1
     with pytest.raises(fxlop.ExpansionError, match=rf"{margin:g}x of which .* is over max_seconds") as refused:
         fxlop.expand(model, max_seconds=0.95 * seconds * margin)  # above the estimate, not above the margin
@@ -211,13 +210,13 @@ def test_seconds_limit_keeps_a_margin_for_the_estimates_error():
 
 def test_seconds_are_estimated_on_the_device_and_reported():
     gm = fxlop.expand(_two_layers())
-    estimate = gm.meta["fxlop"]["expand"]["estimate"]
-    assert estimate["device"] == "cpu" and 0 < estimate["seconds"]["expand"] < 5 and estimate["seconds"]["fuse"] > 0
-    assert gm.meta["fxlop"]["expand"]["limits"] == {"max_params": None, "max_bytes": expand_pass.MAX_BYTES,
-                                                    "max_seconds": expand_pass.MAX_SECONDS,
-                                                    "max_layer_params": expand_pass.MAX_LAYER_PARAMS}
-    rates = linalg.rates("cpu")
-    assert rates is linalg.rates("cpu")  # measured once
+    estimate = fxlop.report(gm).expand.estimate
+    assert estimate.device == "cpu" and 0 < estimate.expand_seconds < 5 and estimate.fuse_seconds > 0
+    assert fxlop.report(gm).expand.options.limits == {"max_params": None, "max_bytes": MAX_BYTES,
+                                                      "max_seconds": MAX_SECONDS,
+                                                      "max_layer_params": MAX_LAYER_PARAMS}
+    rates = cost_model.rates("cpu")
+    assert rates is cost_model.rates("cpu")  # measured once
     assert all(0 < getattr(rates, f) < math.inf for f in ("draw", "draw_macs", "combine"))
 
 
@@ -225,8 +224,8 @@ def test_meta_models_are_not_limited_by_memory_or_time():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4096, 4096))
     gm = fxlop.expand(model, max_layer_params=None, **EVERY_LAYER)  # 4M -> 302M parameters, nothing allocated
-    estimate = gm.meta["fxlop"]["expand"]["estimate"]
-    assert estimate["bytes"] == 0 and estimate["params"] == gm.meta["fxlop"]["expand"]["params_after"] > 3e8
+    estimate = fxlop.report(gm).expand.estimate
+    assert estimate.bytes == 0 and estimate.params == fxlop.report(gm).expand.params_after > 3e8
 
 
 @pytest.mark.parametrize("bad", [dict(max_bytes=-1), dict(max_bytes=1.5), dict(max_bytes=True), dict(max_seconds=0),
@@ -260,9 +259,9 @@ def test_progress_bar_is_weighted_by_estimated_seconds(monkeypatch):
         def update(self, n):
             seen["updates"].append(n)
 
-    monkeypatch.setattr(expand_pass, "tqdm", Bar)
+    monkeypatch.setattr(progress, "tqdm", Bar)
     gm = fxlop.expand(_two_layers())
-    estimate = gm.meta["fxlop"]["expand"]["estimate"]["seconds"]["expand"]
+    estimate = fxlop.report(gm).expand.estimate.expand_seconds
     assert seen["names"] == ["0", "2"] and seen["desc"] == f"expand (est. {estimate:.0f} s)"
     assert sum(seen["updates"]) == pytest.approx(seen["total"]) == pytest.approx(estimate)
     fxlop.fuse(gm)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.verify import relative_error
-from fxlop.passes import ExpandedLayer, linalg
+from fxlop.passes import ExpandedLayer, SkippedRecord, linalg
 
 from conftest import FP32_RTOL, FP64_RTOL, FunctionalLayer
 
@@ -44,8 +44,8 @@ def _input(module, batch=3):
 
 def _expanded_error(model, x, measured, name, origin="module", **options):
     gm = fxlop.expand(model, **options)
-    report = gm.meta["fxlop"]["expand"]
-    assert [e["origin"] for e in report["expanded"]] == [origin], report
+    report = fxlop.report(gm).expand
+    assert [e.origin for e in report.expanded] == [origin], report
     with torch.no_grad():
         error = relative_error(gm(x), model(x))
     measured(name, error)
@@ -91,8 +91,8 @@ def test_functional_expansion_is_exact(function, shape, options, bias, mode, mea
     x = torch.randn(3, in_channels, *spatial)
     gm, error = _expanded_error(layer, x, measured, "expand fp32", origin="functional", mode=mode)
     assert error <= FP32_RTOL
-    report = gm.meta["fxlop"]["expand"]
-    assert [e["name"] for e in report["expanded"]] == ["weight"]
+    report = fxlop.report(gm).expand
+    assert [e.name for e in report.expanded] == ["weight"]
     # the bias parameter of a functional call stays where it was
     assert ("bias" in dict(gm.named_parameters())) == bias
 
@@ -113,8 +113,8 @@ def test_shared_module_and_weight_expanded_once_and_stay_shared(mode):
     model = TwoUses()
     x = torch.randn(2, 4, 6, 6)
     gm = fxlop.expand(model, mode=mode)
-    report = gm.meta["fxlop"]["expand"]
-    assert {(e["name"], e["call_sites"]) for e in report["expanded"]} == {("shared", 2), ("weight", 2)}
+    report = fxlop.report(gm).expand
+    assert {(e.name, e.call_sites) for e in report.expanded} == {("shared", 2), ("weight", 2)}
     assert sum(isinstance(m, ExpandedLayer) for m in gm.modules()) == 2
     with torch.no_grad():
         assert relative_error(gm(x), model(x)) <= FP32_RTOL
@@ -181,26 +181,26 @@ def test_report_and_parameter_counts():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 4, 2), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 3, 6, 6))  # materialize the lazy linear
     gm = fxlop.expand(model, expansion=2)
-    report = gm.meta["fxlop"]["expand"]
-    assert [e["name"] for e in report["expanded"]] == ["0", "4"]
-    assert report["skipped"] == [{"name": "2", "reason": report["skipped"][0]["reason"]}]
-    assert "ConvTranspose2d" in report["skipped"][0]["reason"]
-    assert report["params_before"] == sum(p.numel() for p in model.parameters())
-    assert report["params_after"] == sum(p.numel() for p in gm.parameters())
-    conv = report["expanded"][0]
+    report = fxlop.report(gm).expand
+    assert [e.name for e in report.expanded] == ["0", "4"]
+    assert report.skipped == (SkippedRecord(name="2", reason=report.skipped[0].reason),)
+    assert "ConvTranspose2d" in report.skipped[0].reason
+    assert report.params_before == sum(p.numel() for p in model.parameters())
+    assert report.params_after == sum(p.numel() for p in gm.parameters())
+    conv = report.expanded[0]
     # 1x1 (3 -> 6), 3x3 (6 -> 8), 1x1 (8 -> 4)
-    assert conv["factor_shapes"] == [[6, 3, 1, 1], [8, 6, 3, 3], [4, 8, 1, 1]]
-    assert conv["params_after"] == 6 * 3 + 8 * 6 * 9 + 4 * 8
+    assert conv.factor_shapes == ((6, 3, 1, 1), (8, 6, 3, 3), (4, 8, 1, 1))
+    assert conv.params_after == 6 * 3 + 8 * 6 * 9 + 4 * 8
 
 
 def test_include_exclude_by_glob_and_type():
     model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 3)), nn.Flatten(), nn.Linear(3, 2))
-    names = lambda gm: [e["name"] for e in gm.meta["fxlop"]["expand"]["expanded"]]  # noqa: E731
+    names = lambda gm: [e.name for e in fxlop.report(gm).expand.expanded]  # noqa: E731
     assert names(fxlop.expand(model, include="0.*")) == ["0.0", "0.1"]
     assert names(fxlop.expand(model, include=[nn.Linear])) == ["2"]
     assert names(fxlop.expand(model, exclude=["0.0", nn.Linear])) == ["0.1"]
-    skipped = fxlop.expand(model, include=nn.Linear, exclude="2").meta["fxlop"]["expand"]["skipped"]
-    assert {s["name"]: s["reason"] for s in skipped}["2"] == "matched by exclude"
+    skipped = fxlop.report(fxlop.expand(model, include=nn.Linear, exclude="2")).expand.skipped
+    assert {s.name: s.reason for s in skipped}["2"] == "matched by exclude"
     with pytest.raises(fxlop.SelectionError, match="glob string or a module type"):
         fxlop.expand(model, include=[3])
 
@@ -244,8 +244,8 @@ def test_expanding_twice_changes_nothing_more():
     for mode in ("online", "chain"):
         once = fxlop.expand(model, mode=mode)
         twice = fxlop.expand(once, mode=mode)
-        assert twice.meta["fxlop"]["expand"]["expanded"] == []
-        assert {s["reason"] for s in twice.meta["fxlop"]["expand"]["skipped"]} == {"already expanded"}
+        assert fxlop.report(twice).expand.expanded == ()
+        assert {s.reason for s in fxlop.report(twice).expand.skipped} == {"already expanded"}
         assert twice.state_dict().keys() == once.state_dict().keys()
         x = torch.randn(2, 3, 4, 4)
         with torch.no_grad():
@@ -278,18 +278,18 @@ def test_untraceable_module_is_named_and_can_be_made_a_leaf():
     with pytest.raises(fxlop.TraceError, match=r"module 'gate' \(Gate\).*leaf_modules=\['gate'\]"):
         fxlop.expand(model)
     gm = fxlop.expand(model, leaf_modules=["gate"])
-    assert [e["name"] for e in gm.meta["fxlop"]["expand"]["expanded"]] == ["conv"]
+    assert [e.name for e in fxlop.report(gm).expand.expanded] == ["conv"]
     x = torch.randn(2, 3, 5, 5)
     with torch.no_grad():
         assert relative_error(gm(x), model(x)) <= FP32_RTOL
-    assert [e["name"] for e in fxlop.expand(model, leaf_modules=[Gate]).meta["fxlop"]["expand"]["expanded"]] == ["conv"]
+    assert [e.name for e in fxlop.report(fxlop.expand(model, leaf_modules=[Gate])).expand.expanded] == ["conv"]
 
 
 def test_max_params_guard():
     model = nn.Linear(64, 64)
     with pytest.raises(fxlop.ExpansionError, match=r"over max_params=10,000 .*'weight'"):
         fxlop.expand(model, max_params=10_000)
-    assert fxlop.expand(model, max_params=10**7).meta["fxlop"]["expand"]["params_after"] <= 10**7
+    assert fxlop.report(fxlop.expand(model, max_params=10**7)).expand.params_after <= 10**7
 
 
 @pytest.mark.parametrize("bad", [dict(init="zeros"), dict(mode="fast"), dict(expansion=0.5), dict(expansion="4"), dict(depth=1),
@@ -332,17 +332,17 @@ def test_pointwise_layers_get_their_own_width(trace, pointwise, expected):
     model = Widths()
     options = {} if pointwise == "default" else dict(pointwise_expansion=pointwise)
     gm = fxlop.expand(model, trace=trace, **options)
-    report = fxlop.report(gm)["expand"]
-    widths = {e["name"]: e["expansion"] for e in report["expanded"]}
+    report = fxlop.report(gm).expand
+    widths = {e.name: e.expansion for e in report.expanded}
     pointwise_layers = POINTWISE_LAYERS if trace else POINTWISE_LAYERS[:-1]  # products need a graph
     assert widths == {**dict.fromkeys(SPATIAL_LAYERS, 4), **dict.fromkeys(pointwise_layers, expected)}
-    assert report["pointwise_expansion"] == (1.0 if pointwise == "default" else pointwise)
-    shapes = {e["name"]: e["factor_shapes"] for e in report["expanded"]}
+    assert report.options.pointwise_expansion == (1.0 if pointwise == "default" else pointwise)
+    shapes = {e.name: e.factor_shapes for e in report.expanded}
     # hidden widths are r times the layer's own: (6, 4, 1, 1) -> 4r wide before, 6r wide after the middle factor
-    assert [s[:2] for s in shapes["pointwise"]] == [[4 * expected, 4], [6 * expected, 4 * expected],
-                                                    [6, 6 * expected]]
-    assert shapes["kxk"][1][:2] == [16, 12]
-    assert report["estimate"]["params"] == report["params_after"] == sum(p.numel() for p in gm.parameters())
+    assert [s[:2] for s in shapes["pointwise"]] == [(4 * expected, 4), (6 * expected, 4 * expected),
+                                                    (6, 6 * expected)]
+    assert shapes["kxk"][1][:2] == (16, 12)
+    assert report.estimate.params == report.params_after == sum(p.numel() for p in gm.parameters())
     x = torch.randn(2, 3, 5, 5)
     assert fxlop.verify(model, gm, x) <= FP32_RTOL
 
@@ -370,7 +370,7 @@ def test_depth_width_and_init(depth, expansion, init, measured):
     gm, error = _expanded_error(nn.Sequential(conv), _input(conv), measured, "expand fp32", depth=depth,
                                 expansion=expansion, init=init)
     assert error <= FP32_RTOL
-    assert len(gm.meta["fxlop"]["expand"]["expanded"][0]["factor_shapes"]) == depth
+    assert len(fxlop.report(gm).expand.expanded[0].factor_shapes) == depth
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, FP64_RTOL), (torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
@@ -545,7 +545,7 @@ def test_expansion_without_tracing(mode, measured):
     assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
     with torch.no_grad():
         assert relative_error(fused(x), gm(x)) <= FP32_RTOL
-    names = [e["name"] for e in fxlop.report(gm)["expand"]["expanded"]]
+    names = [e.name for e in fxlop.report(gm).expand.expanded]
     assert names == ["gate.proj", "conv", "tail.0", "tail.2"]
 
 
@@ -581,9 +581,9 @@ def _decisions(report):
     """What the driver decided, without what only one back end can know (call sites, timings)."""
     keys = ("name", "type", "origin", "weight_shape", "transposed_weight", "expansion", "factor_shapes",
             "params_before", "params_after")
-    return {"expanded": [{k: e[k] for k in keys} for e in report["expanded"]],
-            "skipped": {s["name"]: s["reason"] for s in report["skipped"]}, "reduced": report["reduced"],
-            "params": (report["params_before"], report["params_after"]), "estimate": report["estimate"]["params"]}
+    return {"expanded": [{k: getattr(e, k) for k in keys} for e in report.expanded],
+            "skipped": {s.name: s.reason for s in report.skipped}, "reduced": report.reduced,
+            "params": (report.params_before, report.params_after), "estimate": report.estimate.params}
 
 
 SAME_REPORT = [
@@ -610,28 +610,28 @@ def test_graph_and_module_back_ends_decide_the_same(build, options):
     traced = fxlop.expand(model, **options)
     eager = fxlop.expand(model, trace=False, **options)
     assert isinstance(traced, fx.GraphModule) and not isinstance(eager, fx.GraphModule)
-    reports = [fxlop.report(m)["expand"] for m in (traced, eager)]
+    reports = [fxlop.report(m).expand for m in (traced, eager)]
     assert _decisions(reports[0]) == _decisions(reports[1])
-    assert [r["traced"] for r in reports] == [True, False]
-    assert reports[0]["expanded"] or reports[0]["skipped"]
+    assert [r.traced for r in reports] == [True, False]
+    assert reports[0].expanded or reports[0].skipped
 
 
 def test_the_same_report_names_what_each_layer_is_not():
     model = nn.Sequential(_hooked_model(), nn.ConvTranspose2d(3, 3, 1))
-    reasons = {s["name"]: s["reason"] for s in fxlop.report(fxlop.expand(model, trace=False))["expand"]["skipped"]}
+    reasons = {s.name: s.reason for s in fxlop.report(fxlop.expand(model, trace=False)).expand.skipped}
     assert reasons.keys() == {"0.2", "0.4", "1"}
     assert "forward hooks" in reasons["0.2"] and "not initialized" in reasons["0.4"]
     assert "ConvTranspose2d is not expandable" in reasons["1"]
-    report = fxlop.report(fxlop.expand(_tied_model(), trace=False))["expand"]
-    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
+    report = fxlop.report(fxlop.expand(_tied_model(), trace=False)).expand
+    reasons = {s.name: s.reason for s in report.skipped}
     assert reasons == {"0": "its weight is tied to '2.weight'", "2": "its weight is tied to '0.weight'"}
 
 
 def test_layers_inside_a_leaf_module_are_reported():
     model = nn.Sequential(nn.Conv2d(3, 3, 1), Branchy())
-    report = fxlop.report(fxlop.expand(model, leaf_modules=["1"]))["expand"]
-    assert [e["name"] for e in report["expanded"]] == ["0"]
-    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
+    report = fxlop.report(fxlop.expand(model, leaf_modules=["1"])).expand
+    assert [e.name for e in report.expanded] == ["0"]
+    reasons = {s.name: s.reason for s in report.skipped}
     assert reasons == {n: "inside leaf module '1', which is not traced" for n in ("1.gate.proj", "1.conv")}
 
 
@@ -668,9 +668,9 @@ def test_graph_weight_reads_read_the_composed_weight_and_fuse_back(mode):
     model = Reads().eval()
     x = torch.randn(2, 3, 6, 6)
     gm = fxlop.expand(model, mode=mode)
-    report = fxlop.report(gm)["expand"]
-    assert {e["name"]: e["weight_reads"] for e in report["expanded"]} == {"proj": 1, "fc": 1, "head": 0}
-    assert report["skipped"] == []
+    report = fxlop.report(gm).expand
+    assert {e.name: e.weight_reads for e in report.expanded} == {"proj": 1, "fc": 1, "head": 0}
+    assert report.skipped == ()
     assert not any(n.op == "get_attr" and n.target.endswith(".weight") for n in gm.graph.nodes)
     assert fxlop.verify(model, gm, x) <= FP32_RTOL
     # the read is the composed weight: its gradient (2 w from the sum of squares) reaches fc's factors
@@ -699,9 +699,9 @@ class WritesWeight(nn.Module):
 
 def test_a_graph_that_writes_a_weight_in_place_keeps_the_layer_dense():
     with torch.no_grad():
-        report = fxlop.report(fxlop.expand(WritesWeight()))["expand"]
-    assert report["expanded"] == []
-    assert {s["name"]: s["reason"] for s in report["skipped"]} == {"fc": "node 'mul_' writes to 'fc.weight' in place"}
+        report = fxlop.report(fxlop.expand(WritesWeight())).expand
+    assert report.expanded == ()
+    assert {s.name: s.reason for s in report.skipped} == {"fc": "node 'mul_' writes to 'fc.weight' in place"}
 
 
 class Products(nn.Module):
@@ -731,10 +731,10 @@ def test_matrix_products_on_a_parameter_expand_like_linear(source, mode):
     x = torch.randn(3, 4)
     graph = model if source == "symbolic" else torch.export.export(model, (x,))
     gm = fxlop.expand(graph, mode=mode)
-    report = fxlop.report(gm)["expand"]
-    expanded = {e["name"]: (e["type"], e["transposed_weight"], e["call_sites"]) for e in report["expanded"]}
+    report = fxlop.report(gm).expand
+    expanded = {e.name: (e.type, e.transposed_weight, e.call_sites) for e in report.expanded}
     assert expanded == {"w": ("Linear", True, 2), "v": ("Linear", False, 2)}
-    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
+    reasons = {s.name: s.reason for s in report.skipped}
     assert reasons.keys() == {"scaled", "left"}
     assert "scales its terms (beta=0.5" in reasons["scaled"]
     assert "from the left (W @ x)" in reasons["left"]
@@ -755,7 +755,7 @@ def test_expand_takes_an_exported_program_and_returns_a_graph_module():
     program = torch.export.export(model, (x,))
     gm = fxlop.expand(program)
     assert isinstance(gm, fx.GraphModule)
-    assert [e["name"] for e in fxlop.report(gm)["expand"]["expanded"]] == ["0.weight", "3.weight"]
+    assert [e.name for e in fxlop.report(gm).expand.expanded] == ["0.weight", "3.weight"]
     assert fxlop.verify(model, gm, x) <= FP32_RTOL
     assert fxlop.verify(model, torch.export.export(fxlop.fuse(gm), (x,)).module(), x) <= FP32_RTOL
     with pytest.raises(fxlop.ExpansionError, match="already a graph"):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fxlop
 from fxlop import passes
 from fxlop.verify import relative_error
-from fxlop.passes import ExpandedLayer
+from fxlop.passes import ExpandedLayer, FoldedRecord
 
 from conftest import FunctionalLayer
 
@@ -57,12 +57,12 @@ def test_fuse_of_expand_is_the_original(mode, measured):
     traced = fx.symbolic_trace(model)
     x = torch.randn(4, 3, 8, 8)
     gm = fxlop.expand(model, mode=mode)
-    assert len(gm.meta["fxlop"]["expand"]["expanded"]) == 6
+    assert len(fxlop.report(gm).expand.expanded) == 6
     fused = fxlop.fuse(gm)
     _assert_structure_equal(fused, traced)
     assert not any(isinstance(m, ExpandedLayer) for m in fused.modules())
     measured("fuse(expand(m)) vs m fp32", fxlop.verify(traced, fused, x))
-    assert fused.meta["fxlop"]["fuse"]["params"] == sum(p.numel() for p in traced.parameters())
+    assert fxlop.report(fused).fuse.params == sum(p.numel() for p in traced.parameters())
 
 
 @pytest.mark.parametrize("mode", ["online", "chain"])
@@ -107,7 +107,7 @@ def test_fuse_with_nothing_to_fuse_returns_an_equivalent_copy():
     traced = fx.symbolic_trace(Net())
     fused = fxlop.fuse(traced)
     assert fused is not traced
-    assert fused.meta["fxlop"]["fuse"]["fused"] == []
+    assert fxlop.report(fused).fuse.fused == ()
     fxlop.verify(traced, fused, torch.randn(2, 3, 8, 8), rtol=0)
     assert fused.get_parameter("stem.weight") is not traced.get_parameter("stem.weight")
 
@@ -132,7 +132,7 @@ def test_fold_batchnorm():
     folded = fxlop.fuse(fxlop.expand(model), fold_bn=True)
     assert "bn.running_mean" not in folded.state_dict()
     assert folded.get_submodule("stem").bias is not None
-    assert folded.meta["fxlop"]["fold_bn"]["folded"] == [{"name": "stem", "batchnorm": "bn"}]
+    assert fxlop.report(folded).fold_bn.folded == (FoldedRecord(name="stem", batchnorm="bn"),)
     fxlop.verify(model, folded, torch.randn(4, 3, 8, 8))
 
 
@@ -142,10 +142,10 @@ def test_fold_linear_batchnorm_needs_2d_evidence():
         model[1].running_mean.uniform_(-1, 1)
     x = torch.randn(5, 4)
     unknown = fxlop.fuse(fxlop.expand(model), fold_bn=True)
-    assert unknown.meta["fxlop"]["fold_bn"]["folded"] == []
-    assert "2-D" in unknown.meta["fxlop"]["fold_bn"]["skipped"][0]["reason"]
+    assert fxlop.report(unknown).fold_bn.folded == ()
+    assert "2-D" in fxlop.report(unknown).fold_bn.skipped[0].reason
     folded = fxlop.fuse(fxlop.expand(model), fold_bn=True, example_inputs=x)
-    assert folded.meta["fxlop"]["fold_bn"]["folded"] == [{"name": "0", "batchnorm": "1"}]
+    assert fxlop.report(folded).fold_bn.folded == (FoldedRecord(name="0", batchnorm="1"),)
     fxlop.verify(model, folded, x)
 
 
@@ -160,8 +160,8 @@ def test_fold_leaves_shared_outputs_alone():
             return self.bn(y) + y
 
     folded = passes.fold_batchnorm(fx.symbolic_trace(Tap().eval()))
-    assert folded.meta["fxlop"]["fold_bn"]["folded"] == []
-    assert "also used" in folded.meta["fxlop"]["fold_bn"]["skipped"][0]["reason"]
+    assert fxlop.report(folded).fold_bn.folded == ()
+    assert "also used" in fxlop.report(folded).fold_bn.skipped[0].reason
 
 
 def _expanded_chain(mode):

@@ -41,12 +41,12 @@ def test_zoo_expands_every_untied_layer_and_round_trips(name, path):
     inputs, tied = ZOO[name][1], ZOO[name][2]
     before = {key: value.clone() for key, value in model.state_dict().items()}
     expanded = _expand(model, path, inputs, expansion=2)
-    report = fxlop.report(expanded)["expand"]
+    report = fxlop.report(expanded).expand
     # eager layers are named by module, exported ones by their weight parameter
     suffix = "" if path == "eager" else ".weight"
     expandable = [f"{n}{suffix}" for n in _layers(model) if n not in tied]
-    assert sorted(e["name"] for e in report["expanded"]) == sorted(expandable)
-    assert {s["name"]: s["reason"] for s in report["skipped"]} == {
+    assert sorted(e.name for e in report.expanded) == sorted(expandable)
+    assert {s.name: s.reason for s in report.skipped} == {
         f"{n}{suffix}": "its weight is tied to 'transformer.wte.weight'" for n in tied}
     assert fxlop.verify(model, expanded, inputs) <= FP32_RTOL
 
@@ -91,8 +91,8 @@ def test_gpt2_export_products_fuse_back_to_parameters_of_their_shape():
     addmms = [n for n in exported.module().graph.nodes if n.target is torch.ops.aten.addmm.default]
     assert len(addmms) == 8  # Conv1D runs as addmm(bias, x, W) on a (in, out) parameter
     expanded = fxlop.expand(exported, expansion=2)
-    report = fxlop.report(expanded)["expand"]
-    assert all(e["transposed_weight"] for e in report["expanded"])
+    report = fxlop.report(expanded).expand
+    assert all(e.transposed_weight for e in report.expanded)
     assert not any(n.target is torch.ops.aten.addmm.default for n in expanded.graph.nodes)
     fused = fxlop.fuse(expanded)
     assert _shapes(fused) == _shapes(exported.module())
@@ -117,7 +117,7 @@ def test_sp_taps_of_the_expanded_eager_model_pair_with_the_dense_model():
     parameters (training the tapped student trains the expanded model) and its module names."""
     dense = _model("bert")
     expanded = fxlop.expand(dense, trace=False, expansion=2)
-    names = [e["name"] for e in fxlop.report(expanded)["expand"]["expanded"]]
+    names = [e.name for e in fxlop.report(expanded).expand.expanded]
     teacher = torch.export.export(dense, (), TEXT).module()
     student = torch.export.export(expanded, (), TEXT).module()
     sp = fxlop.distiller(teacher, student, taps=names)
@@ -145,7 +145,7 @@ def test_default_sp_taps_on_the_export_graphs_of_the_eagerly_expanded_model(name
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every tap has its partner
         sp = fxlop.distiller(teacher, student)
-    expanded_names = [e["name"] for e in fxlop.report(expanded)["expand"]["expanded"]]
+    expanded_names = [e.name for e in fxlop.report(expanded).expand.expanded]
     # every expanded layer, and the conv/linear left dense (GPT-2's tied lm_head, by its weight's name)
     assert sorted(sp.names) == sorted(expanded_names + [f"{n}.weight" for n in tied])
     output, sp_loss = sp(**inputs)
@@ -205,7 +205,7 @@ def test_export_path_taps_pair_by_default():
     exported = torch.export.export(dense, (), TEXT)
     student = fxlop.expand(exported, expansion=2)
     sp = fxlop.distiller(exported.module(), student)
-    assert sorted(sp.names) == sorted(e["name"] for e in fxlop.report(student)["expand"]["expanded"])
+    assert sorted(sp.names) == sorted(e.name for e in fxlop.report(student).expand.expanded)
 
 
 def test_untraceable_models_keep_raising_a_trace_error_that_names_both_ways_out():

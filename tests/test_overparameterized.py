@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxlop
-from fxlop.passes import ExpandedLayer
+from fxlop.passes import ExpandedLayer, Report
 
 from conftest import FP32_RTOL
 
@@ -63,7 +63,7 @@ def test_the_block_trains_the_factors_and_leaves_the_same_model_compact_with_the
         assert expanded is model
         assert all(isinstance(model.get_submodule(n), ExpandedLayer) for n in LAYERS)
         assert model.alias is model.shared  # a shared module stays shared
-        assert [e["name"] for e in fxlop.report(model)["expand"]["expanded"]] == LAYERS
+        assert [e.name for e in fxlop.report(model).expand.expanded] == LAYERS
         optimizer = torch.optim.SGD(fxlop.param_groups(model, lr=0.1, weight_decay=1e-3), momentum=0.9)
         _train(model, optimizer)
         model.eval()
@@ -75,7 +75,7 @@ def test_the_block_trains_the_factors_and_leaves_the_same_model_compact_with_the
     assert dict(model.named_modules(remove_duplicate=False)) == modules
     assert all(model.get_submodule(n).weight is weights[n] for n in LAYERS)
     assert _shapes(model) == shapes
-    assert fxlop.report(model) == {}
+    assert fxlop.report(model) == Report()
     # the weights are the float64 product of the trained factors, bit for bit
     for name in LAYERS:
         assert torch.equal(model.get_submodule(name).weight, fused[name]), name
@@ -170,7 +170,7 @@ def test_bad_options_are_refused_before_any_work_and_refusals_leave_the_model_as
         with fxlop.overparameterized(model, max_params=10):
             pytest.fail("the block ran")
     assert dict(model.named_modules(remove_duplicate=False)) == modules
-    assert fxlop.report(model) == {}
+    assert fxlop.report(model) == Report()
 
 
 def test_a_failed_fuse_gives_back_the_weights_from_before_the_block():
@@ -229,4 +229,4 @@ def test_an_error_while_expanding_leaves_the_model_as_it_was(monkeypatch):
             pytest.fail("the block ran")
     assert len(built) == 2
     assert dict(model.named_modules(remove_duplicate=False)) == modules
-    assert fxlop.report(model) == {}
+    assert fxlop.report(model) == Report()

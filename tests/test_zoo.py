@@ -83,12 +83,12 @@ def test_zoo_round_trip(name, measured):
         rtol = zoo.fp32_tolerance({"fp32_floor": zoo.fp32_floor(traced, x)})
 
     gm = fxlop.expand(model)
-    report = gm.meta["fxlop"]["expand"]
+    report = fxlop.report(gm).expand
     # nn.MultiheadAttention is a leaf of symbolic tracing that reads out_proj.weight itself:
     # its projection is left dense, and said so; every other layer is expanded
     in_attention = {f"{n}.out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
-    assert report["expanded"] and {s["name"] for s in report["skipped"]} == in_attention
-    assert all("leaf module" in s["reason"] for s in report["skipped"])
+    assert report.expanded and {s.name for s in report.skipped} == in_attention
+    assert all("leaf module" in s.reason for s in report.skipped)
     measured("zoo expand fp32", fxlop.verify(traced, gm, x, rtol=rtol))
     with torch.no_grad():
         for param_name, param in gm.named_parameters():
