@@ -13,7 +13,6 @@ feature taps read; :func:`unbatch_compositions` takes the batching out again (``
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import operator
@@ -24,7 +23,7 @@ from . import cost as cost_model
 from .errors import FusionError
 from .expanded import BatchComposer, ExpandedLayer, KernelComposer
 from .graph import set_attr
-from .report import BatchRecord, report_of, with_section
+from .report import BatchRecord, copy_with_report, report_of, with_section
 
 #: the name prefix of the batch composers at the root of a GraphModule
 PREFIX = "fxlop_compose_"
@@ -47,7 +46,7 @@ def batch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphMod
     without a same-shape partner and ``chain``-mode graphs are left as they are.
     """
     if not inplace:
-        gm = copy.deepcopy(gm)
+        gm = copy_with_report(gm)
     graph = gm.graph
     modules = dict(gm.named_modules())
     sets: dict[tuple, list[tuple[fx.Node, str, ExpandedLayer]]] = {}
@@ -93,7 +92,7 @@ def unbatch_compositions(gm: fx.GraphModule, inplace: bool = False) -> fx.GraphM
         FusionError: a node other than the layer's composer reads a kernel of a batch (an edit).
     """
     if not inplace:
-        gm = copy.deepcopy(gm)
+        gm = copy_with_report(gm)
     graph = gm.graph
     modules = dict(gm.named_modules())
     for batch in list(graph.find_nodes(op="call_module")):

@@ -8,7 +8,6 @@ The budget is planned and checked by :mod:`passes.budget` before anything is all
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 import warnings
@@ -27,7 +26,7 @@ from .graph import inserting_before_with_meta, set_attr
 from .ops import emit
 from .options import ExpandOptions
 from .progress import progress
-from .report import Estimate, ExpandedRecord, ExpandReport, ReducedRecord, SkippedRecord, with_section
+from .report import Estimate, ExpandedRecord, ExpandReport, ReducedRecord, SkippedRecord, copy_with_report, with_section
 from .select import Patterns, selector
 
 
@@ -129,7 +128,7 @@ def _expand(model: nn.Module, back_end: _BackEnd, options: ExpandOptions, in_pla
                             copy_bytes=0 if in_place else parameter_bytes(model), options=options)
 
     if not in_place:
-        model = copy.deepcopy(model)
+        model = copy_with_report(model)
         layers, _ = back_end.find(model)
     expanded, built = [], []
     for item in progress(planned, "expand", [p.seconds[0] for p in planned], [p.name for p in planned]):

@@ -1,7 +1,6 @@
 """Folding BatchNorm (eval statistics) into the conv/linear module that feeds it, for deployment."""
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import torch.fx as fx
@@ -11,7 +10,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from . import linalg
 from .expanded import parameter_count
-from .report import FoldedRecord, FoldReport, with_section
+from .report import FoldedRecord, FoldReport, copy_with_report, with_section
 from .ops import MODULE_FUNCTIONS, SPATIAL_DIMS
 
 _BATCHNORMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
@@ -28,7 +27,7 @@ def fold_batchnorm(gm: fx.GraphModule, example_inputs=None) -> fx.GraphModule:
     on 3-D input BatchNorm1d normalizes another dim than the linear's features.
     Returns a new GraphModule.
     """
-    gm = copy.deepcopy(gm)
+    gm = copy_with_report(gm)
     if example_inputs is not None:
         ShapeProp(gm).propagate(*_as_tuple(example_inputs))
     modules = dict(gm.named_modules())

@@ -1,7 +1,6 @@
 """The fusion pass: every expanded subgraph becomes one layer again, under its original name."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping
 
@@ -17,7 +16,7 @@ from .expanded import COMPOSED, ExpandedLayer, chain_plan, layer_nodes, paramete
 from .graph import dataflow, inserting_before_with_meta, set_attr
 from .ops import Call, bind, call_of_node, emit, match_pad, transpose_like
 from .progress import progress
-from .report import FusedRecord, FuseReport, with_section
+from .report import FusedRecord, FuseReport, copy_with_report, with_section
 
 
 @dataclasses.dataclass
@@ -46,7 +45,7 @@ def fuse(gm: fx.GraphModule) -> fx.GraphModule:
     """
     # the factors are only read, and then dropped: share them with gm instead of copying them
     factors = {id(p): p for m in gm.modules() if isinstance(m, ExpandedLayer) for p in m.factors}
-    gm = unbatch_compositions(copy.deepcopy(gm, memo=factors), inplace=True)
+    gm = unbatch_compositions(copy_with_report(gm, memo=factors), inplace=True)
     graph = gm.graph
     layers = {name: m for name, m in gm.named_modules() if isinstance(m, ExpandedLayer)}
     flow = dataflow(graph)
@@ -191,7 +190,7 @@ def fuse_modules(model: nn.Module, *, in_place: bool = False,
     if into and not in_place:
         raise FusionError("fuse_modules: into= writes the weights into the original modules, which needs in_place=True")
     if not in_place:
-        model = copy.deepcopy(model)
+        model = copy_with_report(model)
     into = into or {}
     layers: dict[int, tuple[ExpandedLayer, list[str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):

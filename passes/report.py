@@ -7,6 +7,7 @@ model without a graph, in the model's ``fxlop_report`` attribute, which pickling
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 from typing import Any
@@ -167,6 +168,19 @@ def with_section(model: nn.Module, **sections) -> None:
     if isinstance(meta, dict):
         meta[META_KEY] = report
     object.__setattr__(model, ATTRIBUTE, report)
+
+
+def copy_with_report(model: nn.Module, memo: dict | None = None) -> nn.Module:
+    """``copy.deepcopy(model)`` with its report: a GraphModule's copy keeps ``meta`` but not the
+    attribute a loaded model's report lives in (its ``meta`` is empty after ``torch.load``)."""
+    copied = copy.deepcopy(model, memo)
+    report = report_of(model)
+    if report:
+        meta = getattr(copied, "meta", None)
+        if isinstance(meta, dict):
+            meta[META_KEY] = report
+        object.__setattr__(copied, ATTRIBUTE, report)
+    return copied
 
 
 def as_dict(value: Any) -> Any:
