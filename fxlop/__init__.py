@@ -8,7 +8,10 @@ from .distill import distiller, kd_loss, similarity_loss
 from .errors import EquivalenceError, ExpansionError, FusionError, FxlopError, SelectionError, TraceError
 from .methods import METHODS, Method
 from .passes import ExpandOptions, Report
-from .train import TrainConfig, evaluate, finetune, load_checkpoint, param_groups
+from .checkpoint import load_checkpoint
+from .optim import param_groups
+from .settings import TrainConfig
+from .train import evaluate, finetune
 from .verify import verify
 
 __version__ = "0.1.0"

@@ -29,7 +29,9 @@ from .io import UMASK, check_directory_writable, check_file, check_writable, sam
 from .methods import METHODS
 from .prune import IMPORTANCES, prune_steps
 from .reporting import plot_curves, table, write_json
-from .train import TrainConfig, check_device, evaluate, finetune, init_distributed, setting
+from .distributed import init_distributed
+from .settings import TrainConfig, setting
+from .train import check_device, evaluate, finetune
 from .verify import verify
 
 #: what ``--method`` accepts: ``auto`` and every method
