@@ -14,31 +14,28 @@ expanded model's error against the model (``fxlop.verify``, which compares every
 final outputs), then, after every factor was perturbed, the fused model's error against the perturbed
 expanded model, the seconds the path took, and the first line of any error.
 
-    python benchmarks/families.py            # writes benchmarks/results/zoo_families.{json,md}
-    python benchmarks/families.py retinanet ssdlite
-    python benchmarks/families.py --merge PART1 PART2   # join runs of parts (each under ~3 minutes)
+    python -m benchmarks.families            # writes benchmarks/results/zoo_families.{json,md}
+    python -m benchmarks.families retinanet ssdlite
+    python -m benchmarks.families --merge PART1 PART2   # join runs of parts (each under ~3 minutes)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import fxlop  # noqa: E402
 from fxlop.passes import ExpandedLayer  # noqa: E402
-from fxlop.passes.ops import module_function  # noqa: E402
+from fxlop.passes import is_expandable  # noqa: E402
+
+from . import common  # noqa: E402
 
 PATHS = ("graph", "eager", "export")
 SIDE = 64
@@ -259,7 +256,7 @@ def build(name: str) -> nn.Module:
 
 def expandable(model: nn.Module) -> list[str]:
     """The conv/linear modules of ``model`` (what ``trace=False`` can expand), by qualified name."""
-    return [n for n, m in model.named_modules() if module_function(m) is not None]
+    return [n for n, m in model.named_modules() if is_expandable(m)]
 
 
 def perturb_factors(model: nn.Module, scale: float = 0.05, seed: int = 1) -> int:
@@ -303,9 +300,9 @@ def measure_path(name: str, path: str) -> dict:
     except Exception as error:
         row.update(expanded=0, expand_error=_first_line(error), seconds=time.perf_counter() - start)
         return row
-    report = fxlop.report(expanded).get("expand", {})
-    row["expanded"] = len(report.get("expanded", []))
-    row["left_dense"] = {s["name"]: s["reason"] for s in report.get("skipped", [])}
+    report = fxlop.report(expanded).expand
+    row["expanded"] = len(report.expanded) if report else 0
+    row["left_dense"] = report.skipped_reasons if report else {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -350,7 +347,7 @@ def markdown(result: dict) -> str:
              f"(torch {result['machine']['torch']}, {result['machine']['date']}). expanded / expandable: conv/linear "
              f"layers; expand: `fxlop.verify(model, expanded)` (every shared layer and the final outputs), or the "
              f"error; fuse: `fxlop.verify(expanded, fused)` after every factor was perturbed by 5 %; seconds: the "
-             f"whole path. `python benchmarks/families.py` reproduces it.", "",
+             f"whole path. `python -m benchmarks.families` reproduces it.", "",
              "| model | family | path | expanded / expandable | expand (fp32 rel. error or error) | fuse | s |",
              "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:

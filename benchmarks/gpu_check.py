@@ -2,8 +2,8 @@
 bf16 model; a short ``fxlop run --device cuda``; the speed benchmark on CUDA.  Writes its figures and
 the card's name to ``benchmarks/results/gpu_check.{json,md}``.
 
-    python benchmarks/gpu_check.py                 # on a machine with a CUDA GPU: a few minutes
-    python benchmarks/gpu_check.py --device cpu    # a dry run of the same code paths on the CPU, small sizes
+    python -m benchmarks.gpu_check                 # on a machine with a CUDA GPU: a few minutes
+    python -m benchmarks.gpu_check --device cpu    # a dry run of the same code paths on the CPU, small sizes
 
 Models: CIFAR ResNet-20 (fxlop.models), torchvision ResNet-18 and ViT-B/16, each pruned 50 % by
 torch-pruning (on the CPU, then moved to the device).  Per model and precision it checks that every
@@ -29,14 +29,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import fxlop
+from fxlop import passes
+from fxlop.models import build_model
+from fxlop.prune import prune
+from fxlop.verify import default_rtol, relative_error
 
-import fxlop  # noqa: E402
-from fxlop import passes  # noqa: E402
-from fxlop.models import build_model  # noqa: E402
-from fxlop.prune import prune  # noqa: E402
-from fxlop.verify import default_rtol, relative_error  # noqa: E402
+from . import common
 
 
 def models(dry_run: bool) -> dict:
@@ -90,9 +89,9 @@ def check_model(name: str, model: torch.nn.Module, side: int, device: torch.devi
         warnings.simplefilter("ignore")
         gm, row["expand_s"] = timed(device, lambda: fxlop.expand(model, max_seconds=None))
         again = fxlop.expand(model, max_seconds=None)
-    report = fxlop.report(gm)["expand"]
-    row.update(expanded=len(report["expanded"]), reduced=len(report["reduced"]), params_expanded=report["params_after"],
-               estimated_s=report["estimate"]["seconds"])
+    report = fxlop.report(gm).expand
+    row.update(expanded=len(report.expanded), reduced=len(report.reduced), params_expanded=report.params_after,
+               estimated_s={"expand": report.estimate.expand_seconds, "fuse": report.estimate.fuse_seconds})
     factors = {n: p for n, p in gm.named_parameters() if ".factors." in n}
     row["factors_on_device"] = all(p.device == x.device and p.dtype == dtype for p in factors.values())
     row["same_seed_same_factors"] = all(torch.equal(p, again.get_parameter(n)) for n, p in factors.items())
@@ -103,7 +102,7 @@ def check_model(name: str, model: torch.nn.Module, side: int, device: torch.devi
         with torch.autocast(device.type, dtype=torch.bfloat16):
             row["expand_error_bf16_autocast"] = fxlop.verify(model, gm, x)
     # layers composed together on the device give the kernels each layer composes on its own
-    row["batched_layers"] = sum(len(s["layers"]) for s in fxlop.report(gm).get("batch", []))
+    row["batched_layers"] = sum(len(s.layers) for s in fxlop.report(gm).batch or ())
     with torch.no_grad():
         row["batched_vs_per_layer"] = relative_error(gm(x), passes.unbatch_compositions(gm)(x))
     # a fine-tuning step under bf16 autocast: gradients on the device, finite
@@ -149,9 +148,9 @@ def run_pipeline(device: torch.device, out: Path) -> dict:
 
 
 def run_speed(device: torch.device, quick: bool) -> dict:
-    """``benchmarks/speed.py --device ...`` (its own result file: speed_cuda, or speed_quick on a dry run)."""
+    """``python -m benchmarks.speed --device ...`` (its own result file: speed_cuda, or speed_quick on a dry run)."""
     name = "speed_cuda" if device.type == "cuda" else "speed_gpu_check_dry_run"
-    command = [sys.executable, str(Path(__file__).with_name("speed.py")), "--device", str(device), "--name", name,
+    command = [sys.executable, "-m", "benchmarks.speed", "--device", str(device), "--name", name,
                "--repeats", "3"] + (["--quick"] if quick else [])
     began = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=1200, cwd=common.ROOT)

@@ -7,15 +7,13 @@ alone and why, the expanded model's error against the model, and the fused model
 the expanded one after every factor was perturbed (fp32, relative). The first column says what plain
 ``fxlop.expand(model)`` (symbolic tracing) does.
 
-    python benchmarks/huggingface.py     # writes benchmarks/results/huggingface.{json,md}, seconds
+    python -m benchmarks.huggingface     # writes benchmarks/results/huggingface.{json,md}, seconds
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,10 +22,9 @@ import torch.nn as nn  # noqa: E402
 import transformers  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import fxlop  # noqa: E402
+
+from . import common  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 TOKENS = dict(vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -110,12 +107,12 @@ def measure(name: str) -> dict:
     for path in PATHS:
         model = build(name)
         expanded = expand(model, path, inputs, expansion=2)
-        report = fxlop.report(expanded)["expand"]
+        report = fxlop.report(expanded).expand
         expand_error = fxlop.verify(model, expanded, inputs)
         perturb(expanded)
         fused = fxlop.fuse(expanded)
-        row[path] = {"layers": len(layers(model)), "expanded": len(report["expanded"]),
-                     "skipped": {s["name"]: s["reason"] for s in report["skipped"]},
+        row[path] = {"layers": len(layers(model)), "expanded": len(report.expanded),
+                     "skipped": report.skipped_reasons,
                      "expand_error": expand_error, "fuse_error": fxlop.verify(expanded, fused, inputs),
                      "same_state_dict": {k: v.shape for k, v in fused.state_dict().items()}
                      == {k: v.shape for k, v in model.state_dict().items()}}

@@ -15,8 +15,8 @@ recovery benchmark (R = 0.8) and one real training batch:
 - the training-loss curves of plain fine-tuning and of LOP at several init scales and factor
   learning rates (same lr, seeds, schedule).
 
-    python benchmarks/mechanism.py                       # about 14 min on 2 cores
-    python benchmarks/mechanism.py --quick               # seconds
+    python -m benchmarks.mechanism                       # about 14 min on 2 cores
+    python -m benchmarks.mechanism --quick               # seconds
 
 Writes benchmarks/results/mechanism.json, mechanism.md and mechanism.png, which the docs' mechanism
 page (docs/results/mechanism.md) includes.
@@ -27,7 +27,6 @@ import argparse
 import copy
 import dataclasses
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,15 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import recovery  # noqa: E402
+import fxlop
+from fxlop.data import make_loader
+from fxlop.passes import linalg
+from fxlop.passes.dynamics import factor_gains, gain_range, preconditioner
+from fxlop.passes.expanded import ExpandedLayer
 
-import fxlop  # noqa: E402
-from fxlop.data import make_loader  # noqa: E402
-from fxlop.passes import linalg  # noqa: E402
-from fxlop.passes.dynamics import factor_gains, gain_range, preconditioner  # noqa: E402
-from fxlop.passes.expanded import ExpandedLayer  # noqa: E402
+from . import common
+from . import recovery
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,11 +10,11 @@ split. The paper protocol runs every method again at one fixed rate (0.01), as p
 fine-tune, to show how much of a difference is a learning-rate effect. Runs go to worker processes
 of one thread each; every setting is checked before the first run.
 
-    python benchmarks/recovery.py                     # both datasets, about 80 min on 2 cores
-    python benchmarks/recovery.py --study             # the lever study at R=0.8 (validation split)
-    python benchmarks/recovery.py --rounds-study      # one prune -> fine-tune round against three, R=0.9
-    python benchmarks/recovery.py --quick             # a smoke run (a minute)
-    python benchmarks/recovery.py --datasets cifar10 --data-dir ~/data --model resnet56 --device cuda \\
+    python -m benchmarks.recovery                     # both datasets, about 80 min on 2 cores
+    python -m benchmarks.recovery --study             # the lever study at R=0.8 (validation split)
+    python -m benchmarks.recovery --rounds-study      # one prune -> fine-tune round against three, R=0.9
+    python -m benchmarks.recovery --quick             # a smoke run (a minute)
+    python -m benchmarks.recovery --datasets cifar10 --data-dir ~/data --model resnet56 --device cuda \\
         --dense-epochs 160 --budgets 20 80 --workers 1
 
 Writes benchmarks/results/recovery.json (every experiment with its settings), recovery.md (the
@@ -29,7 +29,6 @@ import dataclasses
 import json
 import multiprocessing
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,15 +37,14 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import fxlop
+from fxlop.data import MNIST1D_REFERENCE, load_dataset, make_loader
+from fxlop.models import build_model
+from fxlop.prune import prune, prune_steps
+from fxlop.passes.expand import POINTWISE_EXPANSION
+from fxlop.passes.expanded import ExpandedLayer
 
-import fxlop  # noqa: E402
-from fxlop.data import MNIST1D_REFERENCE, load_dataset, make_loader  # noqa: E402
-from fxlop.models import build_model  # noqa: E402
-from fxlop.prune import prune, prune_steps  # noqa: E402
-from fxlop.passes.expand import POINTWISE_EXPANSION  # noqa: E402
-from fxlop.passes.expanded import ExpandedLayer  # noqa: E402
+from . import common
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -607,7 +605,7 @@ def rounds_markdown(result: dict) -> str:
     lines = [f"One round of prune -> fine-tune against several, same final widths and the same {first['epochs']} "
              f"epochs split over the rounds, R = {first['ratio']}; test accuracy %, mean ± std over "
              f"{len(result['seeds'])} seeds, each method at the rate the grid chose for it "
-             f"(`python benchmarks/recovery.py --rounds-study`, {result['machine']['date']}).", "",
+             f"(`python -m benchmarks.recovery --rounds-study`, {result['machine']['date']}).", "",
              "| model | method | rounds | lr | params | validation % | test % |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         lines.append(f"| {row['model']} on {row['dataset']} | {row['method']} | {row['rounds']} | {row['lr']:g} | "

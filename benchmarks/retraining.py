@@ -14,9 +14,9 @@ difference to vanilla: the mean over seeds and a 95 % t interval.
   shows how much of a gain is the larger effective rate.
 - Equal compute: each recipe for as many epochs as fit into vanilla's 30-epoch wall time.
 
-    python benchmarks/retraining.py             # about an hour on 2 cores
-    python benchmarks/retraining.py --resume    # continue an interrupted run
-    python benchmarks/retraining.py --quick     # a smoke run
+    python -m benchmarks.retraining             # about an hour on 2 cores
+    python -m benchmarks.retraining --resume    # continue an interrupted run
+    python -m benchmarks.retraining --quick     # a smoke run
 
 Every run is appended to benchmarks/results/retraining_runs.jsonl as it finishes; ``--resume`` skips
 the runs found there. Writes retraining.json and retraining.md (the tables the recovery page shows).
@@ -31,7 +31,6 @@ import json
 import math
 import multiprocessing
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -39,15 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import recovery  # noqa: E402
-from recovery import Method, Setup  # noqa: E402
+import fxlop
+from fxlop.data import make_loader
+from fxlop.passes.dynamics import preconditioner
+from fxlop.passes.expanded import ExpandedLayer
 
-import fxlop  # noqa: E402
-from fxlop.data import make_loader  # noqa: E402
-from fxlop.passes.dynamics import preconditioner  # noqa: E402
-from fxlop.passes.expanded import ExpandedLayer  # noqa: E402
+from . import common
+from . import recovery
+from .recovery import Method, Setup
 
 #: the recipes, each at its swept learning rate (the main job's settings for SP and LOP)
 RECIPES = {

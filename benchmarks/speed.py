@@ -10,18 +10,16 @@
 2. The fused model against the pruned model it came from: parameters, MACs, inference latency.
 3. ``expand`` + ``fuse`` wall time divided by ``torch.fx.symbolic_trace`` + ``copy.deepcopy``.
 
-    python benchmarks/speed.py                 # CPU, writes benchmarks/results/speed.{json,md}
-    python benchmarks/speed.py --device cuda --bf16
-    python benchmarks/speed.py --quick         # a smoke run with tiny models (seconds)
+    python -m benchmarks.speed                 # CPU, writes benchmarks/results/speed.{json,md}
+    python -m benchmarks.speed --device cuda --bf16
+    python -m benchmarks.speed --quick         # a smoke run with tiny models (seconds)
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.fx as fx
@@ -30,15 +28,14 @@ import torch_pruning as tp
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import fxlop
+from fxlop import passes
+from fxlop.models import build_model
+from fxlop.prune import prune
+from fxlop.optim import make_optimizer as _optimizer
+from fxlop.passes.expanded import BatchComposer, ExpandedLayer, KernelComposer
 
-import fxlop  # noqa: E402
-from fxlop import passes  # noqa: E402
-from fxlop.models import build_model  # noqa: E402
-from fxlop.prune import prune  # noqa: E402
-from fxlop.optim import make_optimizer as _optimizer  # noqa: E402
-from fxlop.passes.expanded import BatchComposer, ExpandedLayer, KernelComposer  # noqa: E402
+from . import common
 
 #: the training configurations of part 1: name -> the model trained, built from the pruned one
 STEP_MODES = {
@@ -256,7 +253,8 @@ def bench_passes(quick, repeats, device=torch.device("cpu")):
 
         expanded = fxlop.expand(pruned, **unbounded)
         shapes = [p.shape for p in expanded.parameters()]
-        estimate = expanded.meta["fxlop"]["expand"]["estimate"]
+        found = fxlop.report(expanded).expand.estimate
+        estimate = {"seconds": {"expand": found.expand_seconds, "fuse": found.fuse_seconds}}
         del expanded
 
         def floor():

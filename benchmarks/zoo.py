@@ -15,8 +15,8 @@ must be exact there (fxlop.verify's fp64 tolerance, 1e-10).  Peak memory is the 
 resident set during the default round trip (the model included; the high-water mark is reset after
 pruning, see ``reset_peak_rss``); ``rss_before_expand`` is the peak before it, pruning included.
 
-    python benchmarks/zoo.py                 # all models, writes benchmarks/results/zoo.{json,md}, zoo_summary.md
-    python benchmarks/zoo.py resnet18 vit_b_16
+    python -m benchmarks.zoo                 # all models, writes benchmarks/results/zoo.{json,md}, zoo_summary.md
+    python -m benchmarks.zoo resnet18 vit_b_16
 """
 from __future__ import annotations
 
@@ -36,8 +36,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from . import common
 
 SIDES = {"inception_v3": 299}
 NUM_CLASSES = 10
@@ -226,9 +225,13 @@ def one(name: str, prune_it: bool, prune_timeout: int) -> dict:
                 row["refusal"] = str(error)
     if settings:
         row["fallback"] = settings
-    report = fxlop.report(gm)["expand"]
-    row.update(expansion=report["expansion"], expanded=len(report["expanded"]), skipped=report["skipped"],
-               reduced=report["reduced"], estimate=report["estimate"], params_expanded=report["params_after"])
+    report = fxlop.report(gm).expand
+    e = report.estimate
+    row.update(expansion=report.options.expansion, expanded=len(report.expanded),
+               skipped=fxlop.passes.as_dict(report.skipped), reduced=fxlop.passes.as_dict(report.reduced),
+               estimate={"params": e.params, "bytes": e.bytes,
+                         "seconds": {"expand": e.expand_seconds, "fuse": e.fuse_seconds}, "device": e.device},
+               params_expanded=report.params_after)
     fused, row["expand_error"], row["fuse_error"], row["fuse_s"] = _round_trip(traced, gm, x)
     row["peak_rss"] = peak_rss()  # the default round trip's, before any float64 check below
     row["same_state_dict"] = ({k: tuple(v.shape) for k, v in fused.state_dict().items()}
@@ -256,11 +259,11 @@ def one(name: str, prune_it: bool, prune_timeout: int) -> dict:
 def run_isolated(name: str, prune_it: bool, timeout: int, prune_timeout: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = handle.name
-    command = [sys.executable, __file__, "--one", name, "--out", out, "--prune-timeout", str(prune_timeout)]
+    command = [sys.executable, "-m", "benchmarks.zoo", "--one", name, "--out", out, "--prune-timeout", str(prune_timeout)]
     if not prune_it:
         command.append("--dense")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=common.ROOT)
     except subprocess.TimeoutExpired:
         return {"model": name, "timeout": True}
     try:

@@ -2,20 +2,10 @@
 import dataclasses
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import common  # noqa: E402
-import mechanism  # noqa: E402
-import recovery  # noqa: E402
-import retraining  # noqa: E402
-import speed  # noqa: E402
-import zoo  # noqa: E402
+from benchmarks import common, mechanism, recovery, retraining, speed, zoo
 
 
 def _shown(page: str, name: str) -> str:

@@ -31,8 +31,8 @@ def test_run_end_to_end_on_digits(tmp_path):
     for key in ("dense_accuracy", "post_prune_accuracy", "finetuned_accuracy", "vanilla_accuracy", "params", "macs",
                 "wall_time_s", "deployed", "selection"):
         assert key in report, key
-    # --method auto: vanilla, SP and LOP+SP fine-tuned with one budget, the best on validation deployed
-    assert set(report["methods"]) == {"vanilla", "sp", "lop_sp"} and report["data"]["val"] == 252
+    # --method auto: vanilla, SP, LOP+SP and KD+SP fine-tuned with one budget, the best on validation deployed
+    assert set(report["methods"]) == {"vanilla", "sp", "lop_sp", "kd_sp"} and report["data"]["val"] == 252
     scores = {m: r["val_accuracy"] for m, r in report["methods"].items()}
     assert scores[report["deployed"]] == max(scores.values())
     assert report["deployed"] != "vanilla" or scores["vanilla"] >= max(scores.values())

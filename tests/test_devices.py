@@ -3,7 +3,7 @@
 Any CPU machine can check this: on the meta device every tensor that an operation creates is a meta
 tensor, and torch refuses to mix a meta tensor with a CPU one, so a factor drawn on (or a computation
 moved to) the CPU shows up as an error or as a CPU tensor recorded below.  The CUDA run is
-``benchmarks/gpu_check.py``.
+``python -m benchmarks.gpu_check``.
 """
 import pytest
 import torch

@@ -9,9 +9,7 @@ fails, naming its layer, even where the boxes hide it.
 """
 import os
 import re
-import sys
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,9 +19,7 @@ import torch  # noqa: E402
 import fxlop  # noqa: E402
 from fxlop.passes import ExpandedLayer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import families  # noqa: E402
+from benchmarks import families  # noqa: E402
 
 FP32_RTOL = 1e-5
 

@@ -7,8 +7,6 @@ what the model computes, and after its factors are perturbed it fuses back to it
 keys and shapes and computes what the perturbed expanded model computes (fp32, 1e-5 relative).
 """
 import os
-import sys
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -23,9 +21,8 @@ from fxlop.passes import ExpandedLayer  # noqa: E402
 from conftest import FP32_RTOL  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import huggingface  # noqa: E402
-from huggingface import IMAGES, SMALL, TEXT, TOKENS, ZOO  # noqa: E402
+from benchmarks import huggingface  # noqa: E402
+from benchmarks.huggingface import IMAGES, SMALL, TEXT, TOKENS, ZOO  # noqa: E402
 
 _model, _layers, _perturb, _expand = huggingface.build, huggingface.layers, huggingface.perturb, huggingface.expand
 

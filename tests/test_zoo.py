@@ -7,8 +7,6 @@ head settings (``num_heads``): torch-pruning shrinks its MLP and head dims, not 
 """
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +21,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 import fxlop
 from fxlop.verify import default_rtol, relative_error
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-import zoo  # noqa: E402
+from benchmarks import common, zoo
 
 NUM_CLASSES = 10
 
@@ -104,8 +100,8 @@ def test_zoo_round_trip(name, measured):
 
 
 def _zoo_rows() -> dict[str, dict]:
-    """The committed result of ``python benchmarks/zoo.py``: one row per torchvision model."""
-    return {row["model"]: row for row in json.loads((BENCHMARKS / "results" / "zoo.json").read_text())["rows"]}
+    """The committed result of ``python -m benchmarks.zoo``: one row per torchvision model."""
+    return {row["model"]: row for row in json.loads((common.RESULTS / "zoo.json").read_text())["rows"]}
 
 
 def test_zoo_table_lists_every_torchvision_model_with_a_reason_for_each_left_out():
@@ -146,11 +142,11 @@ def test_zoo_table_shows_every_model_within_the_bound_or_refused_at_once():
     """Issue 13: at default settings, expand + fuse of every traceable model finishes within 60 s and
     8 GB of peak resident memory on the benchmark machine, or is refused at once with the estimate and
     the options that fit.  The rows must have been measured with the bound in place
-    (``python benchmarks/zoo.py --update-readme``)."""
+    (``python -m benchmarks.zoo --update-readme``)."""
     for name, row in _zoo_rows().items():
         if not row.get("traced"):
             continue
-        assert "peak_rss" in row, f"{name}: measured before the bound existed: rerun benchmarks/zoo.py"
+        assert "peak_rss" in row, f"{name}: measured before the bound existed: rerun python -m benchmarks.zoo"
         if "refused_s" in row:
             assert row["refused_s"] < 5 and "Options that fit: " in row["refusal"], name
         else:
