@@ -41,7 +41,7 @@ import fxlop
 from fxlop.data import MNIST1D_REFERENCE, load_dataset, make_loader
 from fxlop.models import build_model
 from fxlop.prune import prune, prune_steps
-from fxlop.passes.expand import POINTWISE_EXPANSION
+from fxlop.passes.options import POINTWISE_EXPANSION
 from fxlop.passes.expanded import ExpandedLayer
 
 from . import common
