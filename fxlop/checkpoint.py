@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import FxlopError
+from .errors import FxlopError, raises_fxlop_errors
 from .io import check_file, save
 from .settings import TrainConfig
 
@@ -34,6 +34,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
     save(payload, path)
 
 
+@raises_fxlop_errors
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     """Read a checkpoint written by :func:`finetune`.
 

@@ -10,7 +10,7 @@ import typing
 
 import torch
 
-from .errors import EquivalenceError, FxlopError
+from .errors import EquivalenceError, FxlopError, fxlop_errors
 
 #: the most elements ``fxlop verify --input-shape`` allocates (512 MiB of fp32)
 MAX_INPUT_ELEMENTS = 2 ** 27
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fxlop: error: {error}", file=sys.stderr)
         return 1
     try:
-        return args.handler(args)
+        with fxlop_errors():  # a subcommand may call the passes directly
+            return args.handler(args)
     except EquivalenceError as error:
         print(f"fxlop: not equivalent: {error}", file=sys.stderr)
         return 1

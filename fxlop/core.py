@@ -6,11 +6,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import passes
-from .passes import ExpandedLayer, ExpandOptions, Report, is_expandable, report_of, set_attr
-from .passes.options import MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION
-from .passes.select import Patterns
+from .errors import ExpansionError, FusionError, FxlopError, raises_fxlop_errors
+from .passes import (MAX_BYTES, MAX_LAYER_PARAMS, MAX_SECONDS, POINTWISE_EXPANSION, ExpandedLayer, ExpandOptions,
+                     Patterns, Report, is_expandable, report_of, set_attr)
 
 
+@raises_fxlop_errors
 def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float = 4.0,
            pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online", depth: int = 3,
            init: str = "orthogonal", seed: int = 0, include: Patterns = None, exclude: Patterns = None,
@@ -70,6 +71,7 @@ def expand(model: nn.Module | torch.export.ExportedProgram, *, expansion: float 
     return expand_with(model, options)
 
 
+@raises_fxlop_errors
 def expand_with(model: nn.Module | torch.export.ExportedProgram, options: ExpandOptions) -> nn.Module:
     """:func:`expand` with its options as one :class:`fxlop.ExpandOptions` (what ``fxlop run`` holds).
 
@@ -84,21 +86,22 @@ def expand_with(model: nn.Module | torch.export.ExportedProgram, options: Expand
         TraceError, ExpansionError: as :func:`expand`.
     """
     if not isinstance(options, ExpandOptions):
-        raise passes.ExpansionError(f"options must be a fxlop.ExpandOptions, got {type(options).__name__}")
+        raise ExpansionError(f"options must be a fxlop.ExpandOptions, got {type(options).__name__}")
     if isinstance(model, torch.export.ExportedProgram):
         if not options.trace:
-            raise passes.ExpansionError("an ExportedProgram is already a graph: expand it with trace=True (the "
-                                        "default), or pass the nn.Module it was exported from with trace=False")
+            raise ExpansionError("an ExportedProgram is already a graph: expand it with trace=True (the "
+                                 "default), or pass the nn.Module it was exported from with trace=False")
         model = model.module()
     elif not isinstance(model, nn.Module):
-        raise passes.FxlopError(f"expand takes an nn.Module, a GraphModule or a torch.export.ExportedProgram, "
-                                f"got {type(model).__name__}")
+        raise FxlopError(f"expand takes an nn.Module, a GraphModule or a torch.export.ExportedProgram, "
+                         f"got {type(model).__name__}")
     if not options.trace:
         return passes.expand_modules(model, options)
     gm = model if isinstance(model, fx.GraphModule) else passes.trace(model, leaf_modules=options.leaf_modules)
     return passes.batch_compositions(passes.expand(gm, options), inplace=True)
 
 
+@raises_fxlop_errors
 def report(model: nn.Module) -> Report:
     """What :func:`expand`, :func:`fuse` and BatchNorm folding did to ``model``.
 
@@ -116,6 +119,7 @@ def report(model: nn.Module) -> Report:
     return report_of(model)
 
 
+@raises_fxlop_errors
 def fuse(gm: nn.Module, *, fold_bn: bool = False, example_inputs=None) -> nn.Module:
     """Fuse every expanded layer of ``gm`` back into one conv/linear under its original name.
 
@@ -139,10 +143,10 @@ def fuse(gm: nn.Module, *, fold_bn: bool = False, example_inputs=None) -> nn.Mod
         FusionError: an expanded subgraph was edited so that it no longer is a chain of its factors.
     """
     if not isinstance(gm, nn.Module):
-        raise passes.FxlopError(f"fuse expects a model returned by fxlop.expand, got {type(gm).__name__}")
+        raise FxlopError(f"fuse expects a model returned by fxlop.expand, got {type(gm).__name__}")
     if not isinstance(gm, fx.GraphModule):
         if fold_bn:
-            raise passes.FxlopError("fold_bn needs a traced model: fuse a GraphModule (fxlop.expand with trace=True)")
+            raise FxlopError("fold_bn needs a traced model: fuse a GraphModule (fxlop.expand with trace=True)")
         return passes.fuse_modules(gm)
     fused = passes.fuse(gm)
     return passes.fold_batchnorm(fused, example_inputs) if fold_bn else fused
@@ -196,16 +200,17 @@ class overparameterized:
         ExpansionError: invalid options, an expansion over a limit, a model already expanded.
     """
 
+    @raises_fxlop_errors
     def __init__(self, model: nn.Module, *, expansion: float = 4.0,
                  pointwise_expansion: float | None = POINTWISE_EXPANSION, mode: str = "online", depth: int = 3,
                  init: str = "orthogonal", seed: int = 0, include: Patterns = None, exclude: Patterns = None,
                  max_params: int | None = None, max_bytes: int | None = MAX_BYTES,
                  max_seconds: float | None = MAX_SECONDS, max_layer_params: int | None = MAX_LAYER_PARAMS):
         if not isinstance(model, nn.Module):
-            raise passes.FxlopError(f"overparameterized expands an nn.Module in place, got {type(model).__name__}")
+            raise FxlopError(f"overparameterized expands an nn.Module in place, got {type(model).__name__}")
         if is_expandable(model):
-            raise passes.ExpansionError(f"overparameterized swaps the layers inside a model; the model itself is a "
-                                        f"{type(model).__name__}: wrap it in a module (nn.Sequential(layer))")
+            raise ExpansionError(f"overparameterized swaps the layers inside a model; the model itself is a "
+                                 f"{type(model).__name__}: wrap it in a module (nn.Sequential(layer))")
         self.model = model
         #: the expansion (checked here, before any work); a module swap, so never traced
         self.options = ExpandOptions(expansion=expansion, pointwise_expansion=pointwise_expansion, mode=mode,
@@ -216,14 +221,15 @@ class overparameterized:
         self._records: list[tuple[ExpandedLayer, nn.Module, list[str]]] | None = None
         self._report: tuple[bool, object] = (False, None)
 
+    @raises_fxlop_errors
     def __enter__(self) -> nn.Module:
         model = self.model
         if self._records is not None:
-            raise passes.ExpansionError("this fxlop.overparameterized block is already active: it cannot be "
-                                        "entered twice")
+            raise ExpansionError("this fxlop.overparameterized block is already active: it cannot be "
+                                 "entered twice")
         present = [n for n, m in model.named_modules() if isinstance(m, ExpandedLayer)]
         if present:
-            raise passes.ExpansionError(
+            raise ExpansionError(
                 f"{type(model).__name__} already holds expanded layers ({', '.join(present[:3])}"
                 f"{', ...' if len(present) > 3 else ''}): fxlop.overparameterized does not nest; exit the enclosing "
                 f"block first (or fuse a model expanded with trace=False: fxlop.fuse)")
@@ -244,6 +250,7 @@ class overparameterized:
             raise
         return model
 
+    @raises_fxlop_errors
     def __exit__(self, exc_type, exc, traceback) -> bool:
         records, self._records = self._records, None
         try:
@@ -263,9 +270,9 @@ class overparameterized:
                 for name in names:
                     if _submodule(model, name) is layer:
                         set_attr(model, name, original)
-            raise passes.FusionError(f"fxlop.overparameterized could not fuse the expanded layers back ({error}); "
-                                     f"the model has its layers back with their weights from before the block, "
-                                     f"the training inside it is lost") from error
+            raise FusionError(f"fxlop.overparameterized could not fuse the expanded layers back ({error}); "
+                              f"the model has its layers back with their weights from before the block, "
+                              f"the training inside it is lost") from error
 
     def _restore_report(self) -> None:
         had, previous = self._report

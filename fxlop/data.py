@@ -24,6 +24,9 @@ from torchvision import transforms as T
 
 from .errors import FxlopError
 
+__all__ = ["DATASETS", "MNIST1D_REFERENCE", "DataError", "DatasetBundle", "TensorImages", "load_dataset",
+           "make_loader"]
+
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "imagefolder")
 #: datasets whose inputs are 1-D signals ``(C, L)``; the others hold images ``(C, H, W)``
 SIGNAL_DATASETS = ("mnist1d",)

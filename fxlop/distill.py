@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import passes
-from .passes.tap import layer_names, linear_layer_names, match_names, tap, tapped_node
+from .passes import layer_names, linear_layer_names, match_names, tap, tapped_node
 
-from .errors import FxlopError
+from .errors import FxlopError, TraceError, raises_fxlop_errors
 
 
 def similarity_loss(f_student: Tensor, f_teacher: Tensor) -> Tensor:
@@ -112,6 +112,7 @@ class Distiller:
         return output, self.loss(student_taps, self.teacher_taps(*args, **kwargs))
 
 
+@raises_fxlop_errors
 def distiller(teacher: nn.Module, student: nn.Module, taps: Iterable[str] | str | None = None, *,
               reduction: str = "mean", leaf_modules=None) -> Distiller:
     """Pair feature taps of ``teacher`` and ``student`` by qualified name.
@@ -172,7 +173,7 @@ def _as_graph(model: nn.Module, leaf_modules) -> fx.GraphModule:
     try:
         return passes.trace(model, leaf_modules=leaf_modules)
     except passes.TraceError as error:
-        raise passes.TraceError(
+        raise TraceError(
             f"SP taps need a graph of the teacher and of the student: {error} For the distiller, pass "
             f"torch.export.export(model, args, kwargs).module() of both (the student's export shares the "
             f"expanded model's parameters, so training it trains the model; export with a dynamic batch "

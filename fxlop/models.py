@@ -13,6 +13,9 @@ import torchvision
 from .errors import FxlopError
 from .io import check_file
 
+__all__ = ["build_model", "load_model", "ModelError", "CifarResNet", "CifarVGG", "SignalCNN", "CIFAR_MODELS",
+           "SIGNAL_MODELS", "is_known_model"]
+
 CIFAR_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 CIFAR_MODELS = (*CIFAR_RESNET_DEPTHS, "vgg16")
 #: models for 1-D signals ``(C, L)`` such as MNIST-1D; every other model takes images ``(C, H, W)``

@@ -10,13 +10,15 @@ import warnings
 import torch
 import torch.nn as nn
 
-from .passes.dynamics import factor_gains
-from .passes.expanded import ExpandedLayer
+from .passes import ExpandedLayer, factor_gains
 
-from .errors import FxlopError
+from .errors import FxlopError, raises_fxlop_errors
 from .settings import FACTOR_LRS, TrainConfig
 
+__all__ = ["param_groups", "make_optimizer", "make_scheduler"]
 
+
+@raises_fxlop_errors
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float, factor_lr_scale: float = 0.5,
                  factor_weight_decay: float | None = None, factor_lr: str = "uniform") -> list[dict]:
     """Optimizer parameter groups for a model that may hold expanded layers (any ``torch.optim`` optimizer).

@@ -18,13 +18,12 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .passes import ExpandedLayer, ExpandOptions, report_of, trace
-from .passes.tap import layer_names, match_names
+from .passes import ExpandedLayer, ExpandOptions, layer_names, match_names, report_of, trace
 
 from . import data as datasets
 from . import models
 from .core import expand_with, fuse
-from .errors import FxlopError
+from .errors import FxlopError, raises_fxlop_errors
 from .io import UMASK, check_directory_writable, check_file, check_writable, same_file, save
 from .methods import METHODS
 from .prune import IMPORTANCES, prune_steps
@@ -260,6 +259,7 @@ def resolve_device(device: str | None) -> torch.device:
     return check_device(device, "--device")
 
 
+@raises_fxlop_errors
 def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> RunReport:
     """Run the whole job and return the report (also written to ``settings.out``/report.json).
 

@@ -13,6 +13,8 @@ import torch_pruning as tp
 
 from .errors import FxlopError
 
+__all__ = ["prune", "prune_steps", "PruneResult", "PruneError", "IMPORTANCES"]
+
 IMPORTANCES = ("l1", "l2", "taylor", "lamp", "fpgm", "random")
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .io import atomic_write, write_text
-from .passes.report import as_dict
+from .passes import as_dict
 
 
 def table(rows: Sequence[Sequence], headers: Sequence[str], markdown: bool = False) -> str:

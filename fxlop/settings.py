@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 from .errors import FxlopError
-from .passes.options import option
+from .passes import option
 
 OPTIMIZERS = ("sgd", "adamw")
 #: per-epoch schedules (closed forms over the schedule's length) and torch's OneCycleLR, stepped per batch

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from .checkpoint import CHECKPOINT_FORMAT, _gather_rng, _restore, _seed_everything, load_checkpoint, save_checkpoint
 from .distill import Distiller, distiller, kd_loss
 from .distributed import _average_buffers, _require_distributed_sampler, init_distributed
-from .errors import FxlopError
+from .errors import FxlopError, raises_fxlop_errors
 from .io import check_writable, write_text
 from .optim import _steps_per_epoch, make_optimizer, make_scheduler, param_groups
+from .passes import replaced
 from .settings import FACTOR_LRS, OPTIMIZERS, SCHEDULES, SP_WEIGHTINGS, TrainConfig, setting
 
 __all__ = ["finetune", "FinetuneResult", "evaluate", "check_device", "TeacherLogits", "fixed_inputs", "TrainConfig",
@@ -42,6 +43,7 @@ class FinetuneResult:
     taps: list[str]
 
 
+@raises_fxlop_errors
 def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module | None = None,
              val_loader: DataLoader | None = None, config: TrainConfig | None = None,
              log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
@@ -85,12 +87,8 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
     """
     if config is not None and not isinstance(config, TrainConfig):
         raise FxlopError(f"finetune: config must be a fxlop.TrainConfig, got {type(config).__name__}")
-    fields = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = [k for k in options if k not in fields]
-    if unknown:
-        raise FxlopError(f"finetune: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                         f"the options are finetune's arguments and the fields of TrainConfig: {', '.join(fields)}")
-    config = dataclasses.replace(config or TrainConfig(), **options)
+    config = replaced(TrainConfig, config, options, lambda message: FxlopError(f"finetune: {message} (and "
+                                                                               f"finetune's own arguments)"))
     config.check()
     if config.gamma > 0 and teacher is None:
         raise FxlopError("gamma > 0 needs a teacher for the SP loss")

@@ -28,11 +28,10 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import EquivalenceError, FxlopError
-from .passes.expanded import ExpandedLayer
-from .passes.ops import module_function
-from .passes.report import report_of
-from .passes.tap import layer_sites, linear_layer_names
+from .errors import EquivalenceError, FxlopError, raises_fxlop_errors
+from .passes import ExpandedLayer, layer_sites, linear_layer_names, module_function, report_of
+
+__all__ = ["verify", "relative_error", "default_rtol", "RTOL"]
 
 #: default relative tolerance by dtype: rounding of a deep net's outputs, tens of units of roundoff
 #: (a complex dtype takes the tolerance of its real and imaginary parts)
@@ -116,6 +115,7 @@ def _relative(comparison: _Comparison) -> float:
     return worst / comparison.scale if comparison.scale > 0 else float("inf")
 
 
+@raises_fxlop_errors
 def verify(reference: nn.Module, candidate: nn.Module, example_inputs, *, rtol: float | None = None,
            atol: float | None = None, layers: bool = True) -> float:
     """Check that ``candidate`` computes what ``reference`` computes on ``example_inputs``.

@@ -16,21 +16,23 @@ from .expanded import MODES
 from .select import Patterns, selector
 
 INITS = ("orthogonal", "balanced")
-#: Default limits.  A layer whose factors would hold more than ``MAX_LAYER_PARAMS`` parameters (256 MiB
-#: in fp32) is expanded at the largest lower expansion that fits, in steps of 1/4, or left dense; an
-#: expansion estimated to add more than ``MAX_BYTES`` of memory (float64 temporaries included) or to
-#: take more than ``MAX_SECONDS`` (expand and the fuse it will need, on the model's device) is refused
-#: before anything is allocated.
+# The default limits.  Refusing before anything is allocated is the point: an expansion that does not
+# fit must fail in a second, not after minutes or with the machine out of memory.
 MAX_LAYER_PARAMS = 2 ** 26
+"""A layer whose factors would hold more parameters (256 MiB in fp32) is expanded at the largest lower
+expansion that fits, in steps of 1/4, or left dense."""
 MAX_BYTES = 2 ** 32
+"""An expansion estimated to add more memory than this (float64 temporaries included) is refused."""
 MAX_SECONDS = 60.0
+"""An expansion estimated to take longer than this (expand and the fuse it will need, on the model's
+device) is refused."""
 #: the largest width multiplier accepted at all (ExpandNets use 4): past it the widths alone are absurd,
 #: and refusing costs nothing, where planning a layer at such widths would overflow the estimates
 MAX_EXPANSION = 1024
-#: width multiplier of layers without a spatial kernel (1x1 convs, linears, products) unless told
-#: otherwise: their middle factor is a matrix of ``r^2`` times the weight's entries, while LOP's
-#: first-order update does not depend on the widths (docs/theory.md)
 POINTWISE_EXPANSION = 1.0
+"""Width multiplier of layers without a spatial kernel (1x1 convs, linears, products) unless told
+otherwise: their middle factor is a matrix of ``r^2`` times the weight's entries, while LOP's first-order
+update does not depend on the widths (see the theory page)."""
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, parse: Callable[[str], Any] | None = None,
@@ -52,6 +54,28 @@ def option(default: Any, help: str, *, choices: tuple | None = None, parse: Call
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def replaced(kind: type, base: Any, fields: dict[str, Any], error: Callable[[str], Exception],
+             what: str = "option") -> Any:
+    """``base`` (``None``: ``kind``'s defaults) with ``fields`` replaced; the one refusal of unknown names.
+
+    Args:
+        kind: a dataclass of settings (:class:`ExpandOptions`, fxlop's ``TrainConfig``).
+        base: an instance of ``kind``, or ``None``.
+        fields: the fields to replace, by name.
+        error: makes the exception to raise from its message (an exception class will do).
+        what: how the message names one field (``"expansion option"``).
+
+    Raises:
+        error: a name in ``fields`` that is not a field of ``kind``; its message lists the fields.
+    """
+    known = [f.name for f in dataclasses.fields(kind)]
+    unknown = [name for name in fields if name not in known]
+    if unknown:
+        raise error(f"unknown {what}{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                    f"the options are {', '.join(known)}")
+    return dataclasses.replace(base, **fields) if base is not None else kind(**fields)
 
 
 def limit(kind: type) -> Callable[[str], Any]:
@@ -159,12 +183,7 @@ class ExpandOptions:
         """
         if options is not None and not isinstance(options, cls):
             raise ExpansionError(f"options must be an ExpandOptions, got {type(options).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [name for name in fields if name not in known]
-        if unknown:
-            raise ExpansionError(f"unknown expansion option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                                 f"the options are {', '.join(known)}")
-        return dataclasses.replace(options, **fields) if options is not None else cls(**fields)
+        return replaced(cls, options, fields, ExpansionError, "expansion option")
 
     @property
     def limits(self) -> dict[str, int | float | None]:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable
 from .errors import SelectionError
 
 Patterns = Iterable[str | type] | str | type | None
+"""Layers to select: qualified-name globs (``"layer1.*"``), module types (``nn.Linear``), or an iterable of
+both; ``None`` selects every layer."""
 
 
 def selector(patterns: Patterns) -> Callable[[str, type], bool] | None:

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
-from .errors import FxlopError
+from .errors import PassError
 from .expanded import ExpandedLayer, KernelComposer, layer_nodes, site_ends
 from .ops import MATMULS, SPATIAL_DIMS, as_linear, bind, module_function
 
@@ -32,14 +32,14 @@ def tap(gm: fx.GraphModule, names: Iterable[str]) -> fx.GraphModule:
     inputs, a Hugging Face ``ModelOutput``) and its guards on the input shapes.
 
     Raises:
-        FxlopError: a name that addresses no layer of ``gm``.
+        PassError: a name that addresses no layer of ``gm``.
     """
     names = list(dict.fromkeys(names))
     found = {name: tapped_node(gm, name) for name in names}
     missing = [name for name, node in found.items() if node is None]
     if missing:
-        raise FxlopError(f"cannot tap {missing}: no such layer in {type(gm).__name__} "
-                         f"(known layers include {layer_names(gm)[:8]})")
+        raise PassError(f"cannot tap {missing}: no such layer in {type(gm).__name__} "
+                        f"(known layers include {layer_names(gm)[:8]})")
     graph = fx.Graph()
     copies: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(gm.graph, copies)

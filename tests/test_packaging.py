@@ -29,7 +29,8 @@ def test_a_plain_install_puts_only_fxlop_on_the_path(installed):
 def test_the_installed_passes_import_under_fxlop(installed, tmp_path):
     code = ("import fxlop, fxlop.passes as p; import pathlib; "
             "assert pathlib.Path(p.__file__).parent == pathlib.Path(fxlop.__file__).parent / 'passes', p.__file__; "
-            "assert p.expand is not None and fxlop.FxlopError is p.FxlopError")
+            "assert p.expand is not None and fxlop.ExpansionError is p.ExpansionError; "
+            "assert issubclass(fxlop.FxlopError, p.PassError) and not hasattr(p, 'FxlopError')")
     env = {**os.environ, "PYTHONPATH": str(installed)}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
