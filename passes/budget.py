@@ -138,6 +138,9 @@ def check_budget(planned: Sequence[Planned], *, params_before: int, copy_bytes: 
     over = _over(found, limits)
     if not over:
         return found
+    if not planned:  # every layer left dense, and the model alone is over max_params: no expansion can help
+        raise ExpansionError(f"max_params={max_params:,} is below the {params_before:,} parameters the model has "
+                             f"before any expansion: raise it, or pass max_params=None")
     seconds = found["seconds"]["expand"] + found["seconds"]["fuse"]
     clauses = {
         "max_params": lambda: f"would give {found['params']:,} parameters, over max_params={max_params:,} "

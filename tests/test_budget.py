@@ -112,6 +112,18 @@ def test_layer_too_wide_even_at_expansion_one_is_left_dense_and_reported():
     assert type(gm.get_submodule("0")) is nn.Linear
 
 
+@pytest.mark.parametrize("trace", [True, False])
+def test_a_model_over_max_params_with_every_layer_left_dense_is_refused_with_that_reason(trace):
+    model = _two_layers(wide=64)
+    before = sum(p.numel() for p in model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "left dense": max_layer_params=0 admits no layer
+        with pytest.raises(fxlop.ExpansionError, match=rf"max_params={before - 1:,} is below the {before:,} "
+                                                       r"parameters the model has before any expansion"):
+            fxlop.expand(model, max_params=before - 1, max_layer_params=0, trace=trace)
+    assert sum(p.numel() for p in model.parameters()) == before  # the caller's model is untouched
+
+
 def test_same_policy_without_tracing():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
     full = fxlop.report(fxlop.expand(model, **EVERY_LAYER)).expand.expanded[0].params_after
