@@ -32,8 +32,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import fxlop  # noqa: E402
-from fxlop.passes import ExpandedLayer  # noqa: E402
-from fxlop.passes import is_expandable  # noqa: E402
+from fxlop.passes import ExpandedLayer, is_expandable  # noqa: E402
 
 from . import common  # noqa: E402
 

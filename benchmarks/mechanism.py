@@ -37,9 +37,7 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.data import make_loader
-from fxlop.passes import linalg
-from fxlop.passes.dynamics import factor_gains, gain_range, preconditioner
-from fxlop.passes.expanded import ExpandedLayer
+from fxlop.passes import ExpandedLayer, compose, factor_gains, gain_range, preconditioner
 
 from . import common
 from . import recovery
@@ -97,13 +95,13 @@ def measure_layers(pruned: nn.Module, batch, config: Config, lr: float, seed: in
     for name, layer in _layers(expanded).items():
         factors = [f.detach().double() for f in layer.factors]
         args = (layer.groups, layer.kernel_index)
-        weight = linalg.compose(factors, *args)
+        weight = compose(factors, *args)
         gradient = vanilla[name]
         apply = preconditioner(factors, multipliers[name], *args)
         low, high = gain_range(apply, weight.shape, iterations=60, seed=seed)
         # LOP's real SGD step on the factors (its own gradients, the real rate), composed in float64
         stepped = [f - lr * m * p.grad.double() for f, m, p in zip(factors, multipliers[name], layer.factors)]
-        actual = linalg.compose(stepped, *args) - weight
+        actual = compose(stepped, *args) - weight
         first_order = -lr * apply(gradient)
         plain = -lr * gradient
         rows.append({
@@ -119,7 +117,7 @@ def measure_layers(pruned: nn.Module, batch, config: Config, lr: float, seed: in
 
 def curves(setup, ratio: float, config: Config, lr: float, seeds, epochs: int, workers: int) -> dict:
     """Training cross-entropy per epoch and accuracies, mean over seeds, of LOP trained with ``config``."""
-    method = recovery.Method(config.name, lop=True, lr=lr, outer_scale=config.outer_scale,
+    method = recovery.Variant(config.name, fxlop.METHODS["lop"], lr=lr, outer_scale=config.outer_scale,
                              factor_lr=config.factor_lr, factor_lr_scale=config.factor_lr_scale)
     return _curves(setup, ratio, method, seeds, epochs, workers)
 
@@ -144,7 +142,7 @@ def run(args) -> dict:
         torch.manual_seed(0)
         layers = {c.name: measure_layers(pruned.model, batch, c, args.lr) for c in CONFIGS}
         seeds = list(range(args.seeds))
-        training = {"vanilla": _curves(setup, args.ratio, recovery.Method("vanilla", lr=args.lr), seeds, args.epochs,
+        training = {"vanilla": _curves(setup, args.ratio, recovery.Variant("vanilla", lr=args.lr), seeds, args.epochs,
                                        args.workers)}
         for config in CONFIGS:
             training[config.name] = curves(setup, args.ratio, config, args.lr, seeds, args.epochs, args.workers)

@@ -41,8 +41,7 @@ import fxlop
 from fxlop.data import MNIST1D_REFERENCE, load_dataset, make_loader
 from fxlop.models import build_model
 from fxlop.prune import prune, prune_steps
-from fxlop.passes.options import POINTWISE_EXPANSION
-from fxlop.passes.expanded import ExpandedLayer
+from fxlop.passes import POINTWISE_EXPANSION, ExpandedLayer
 
 from . import common
 
@@ -50,15 +49,14 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-    """One way to fine-tune a pruned model; every lever of the study is a field (flat, so that the
-    study's table can say what each variant changes).  :meth:`train_config` makes the one
-    :class:`fxlop.TrainConfig` the library validates and trains with."""
+class Variant:
+    """One variant of the study: a fine-tuning method of the library (:class:`fxlop.Method`, which says
+    which of LOP, SP and logit distillation it uses, as the pipeline and the CLI use it) and the levers
+    the study turns.  :meth:`train_config` makes the one :class:`fxlop.TrainConfig` the library validates
+    and trains with; :meth:`settings` is the flat record the results store."""
 
     name: str
-    lop: bool = False
-    sp: bool = False
-    kd: bool = False  # Hinton's logit distillation from the dense model
+    method: fxlop.Method = fxlop.METHODS["vanilla"]
     lr: float = 0.05
     schedule: str = "cosine"
     expansion: float = 4
@@ -70,43 +68,52 @@ class Method:
     factor_weight_decay: float | None = None
     factor_lr_scale: float = 1.0
     factor_lr: str = "uniform"
-    gamma: float = 3000.0
+    gamma: float = 3000.0  # SP's weight, used only where the method distils with SP
     taps: str = "layers"  # "layers": every conv/linear; "stages": the residual stage outputs
     tap_reduction: str = "mean"
     sp_weighting: str = "absolute"  # "relative": gamma is the SP / cross-entropy ratio on the first batch
-    kd_weight: float = 0.5
+    kd_weight: float = 0.5  # logit distillation's weight, used only where the method uses it
     kd_temperature: float = 4.0
     weight_decay: float = 5e-4
     fuse_at: float | None = None  # LOP: fuse after this share of the epochs, finish the schedule fused
     rounds: int = 1  # prune -> fine-tune cycles to reach the ratio, the epochs split over them
 
     def train_config(self, **extra) -> fxlop.TrainConfig:
-        """The fine-tuning settings of this method (``extra``: seed, epochs, schedule), checked."""
-        config = fxlop.TrainConfig(lr=self.lr, weight_decay=self.weight_decay, schedule=self.schedule,
-                                   kd_weight=self.kd_weight if self.kd else 0.0, kd_temperature=self.kd_temperature,
-                                   factor_weight_decay=self.factor_weight_decay, factor_lr_scale=self.factor_lr_scale,
-                                   factor_lr=self.factor_lr, gamma=self.gamma if self.sp else 0.0, taps=_taps(self),
-                                   tap_reduction=self.tap_reduction, sp_weighting=self.sp_weighting, **extra)
+        """The fine-tuning settings of this variant (``extra``: seed, epochs, schedule), checked; the
+        method decides which losses stay on (:meth:`fxlop.Method.train_config`)."""
+        base = fxlop.TrainConfig(lr=self.lr, weight_decay=self.weight_decay, schedule=self.schedule,
+                                 kd_weight=self.kd_weight, kd_temperature=self.kd_temperature,
+                                 factor_weight_decay=self.factor_weight_decay, factor_lr_scale=self.factor_lr_scale,
+                                 factor_lr=self.factor_lr, gamma=self.gamma, taps=_taps(self),
+                                 tap_reduction=self.tap_reduction, sp_weighting=self.sp_weighting)
+        config = self.method.train_config(base, **extra)
         config.check()
         return config
+
+    def settings(self) -> dict:
+        """The variant as flat JSON data: the method by its three switches, then every lever."""
+        fields = dataclasses.asdict(self)
+        del fields["method"]
+        return {"name": fields.pop("name"), "lop": self.method.lop, "sp": self.method.sp, "kd": self.method.kd,
+                **fields}
 
 
 #: the four methods of the paper's comparison, with the main job's defaults (chosen by the study below):
 #: SP weighted relative to the cross-entropy (gamma 0.3), LOP factors at half the base rate
 BASELINES = {
-    "vanilla": Method("vanilla"),
-    "sp": Method("sp", sp=True, sp_weighting="relative", gamma=0.3),
-    "lop": Method("lop", lop=True, factor_lr_scale=0.5),
-    "lop_sp": Method("lop_sp", lop=True, sp=True, sp_weighting="relative", gamma=0.3, factor_lr_scale=0.5),
+    "vanilla": Variant("vanilla"),
+    "sp": Variant("sp", fxlop.METHODS["sp"], sp_weighting="relative", gamma=0.3),
+    "lop": Variant("lop", fxlop.METHODS["lop"], factor_lr_scale=0.5),
+    "lop_sp": Variant("lop_sp", fxlop.METHODS["lop_sp"], sp_weighting="relative", gamma=0.3, factor_lr_scale=0.5),
 }
 #: the settings the study started from (SP as in Tung & Mori's CIFAR runs, LOP factors at the base rate),
 #: and the absolute SP weight the first study chose
 UNTUNED = {
-    "sp_abs300": Method("sp_abs300", sp=True, gamma=300.0),
-    "lop_sp_abs300": Method("lop_sp_abs300", lop=True, sp=True, gamma=300.0, factor_lr_scale=0.5),
-    "sp_gamma3000": Method("sp_gamma3000", sp=True),
-    "lop_factor_lr1": Method("lop_factor_lr1", lop=True),
-    "lop_sp_gamma3000": Method("lop_sp_gamma3000", lop=True, sp=True),
+    "sp_abs300": Variant("sp_abs300", fxlop.METHODS["sp"], gamma=300.0),
+    "lop_sp_abs300": Variant("lop_sp_abs300", fxlop.METHODS["lop_sp"], gamma=300.0, factor_lr_scale=0.5),
+    "sp_gamma3000": Variant("sp_gamma3000", fxlop.METHODS["sp"]),
+    "lop_factor_lr1": Variant("lop_factor_lr1", fxlop.METHODS["lop"]),
+    "lop_sp_gamma3000": Variant("lop_sp_gamma3000", fxlop.METHODS["lop_sp"]),
 }
 
 
@@ -184,7 +191,7 @@ def _include(model: nn.Module, layers: str):
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd) and max(m.kernel_size) > 1]
 
 
-def _taps(method: Method):
+def _taps(method: Variant):
     return None if method.taps == "layers" else ["layer1", "layer2", "layer3"]
 
 
@@ -218,16 +225,16 @@ def run_one(job: tuple) -> dict:
                 history += part
     seconds = time.perf_counter() - began
     scores = {split: fxlop.evaluate(deployed, loader)["accuracy"] for split, loader in ctx["loaders"].items()}
-    return {"ratio": ratio, "method": dataclasses.asdict(method), "seed": seed, "epochs": epochs,
+    return {"ratio": ratio, "method": method.settings(), "seed": seed, "epochs": epochs,
             "val_accuracy": scores["val"], "test_accuracy": scores["test"], "seconds_per_epoch": seconds / epochs,
             "params_trained": params_trained, "params_deployed": sum(p.numel() for p in deployed.parameters()),
             "train_ce": [r["train_ce"] for r in history]}
 
 
-def _finetune_pruned(pruned: nn.Module, method: Method, setup: Setup, seed: int, loader, epochs: int):
+def _finetune_pruned(pruned: nn.Module, method: Variant, setup: Setup, seed: int, loader, epochs: int):
     """``(deployed model, history, parameters trained)`` of one fine-tuning of ``pruned`` (not changed)."""
     dense = context(setup)["dense"]
-    if method.lop:
+    if method.method.lop:
         student = fxlop.expand(pruned, expansion=method.expansion, pointwise_expansion=method.pointwise_expansion,
                                depth=method.depth, init=method.init,
                                include=_include(pruned, method.layers), seed=seed)
@@ -237,17 +244,17 @@ def _finetune_pruned(pruned: nn.Module, method: Method, setup: Setup, seed: int,
     params_trained = sum(p.numel() for p in student.parameters())
     expanded_epochs = epochs if method.fuse_at is None else max(1, min(epochs - 1, round(epochs * method.fuse_at)))
     history = _train(student, loader, method, setup, seed, dense, epochs=expanded_epochs, schedule_epochs=epochs)
-    deployed = fxlop.fuse(student) if method.lop else student
+    deployed = fxlop.fuse(student) if method.method.lop else student
     if expanded_epochs < epochs:
         history += _train(deployed, loader, method, setup, seed, dense, epochs=epochs - expanded_epochs,
                           schedule_epochs=epochs, schedule_start=expanded_epochs)
     return deployed, history, params_trained
 
 
-def _train(model, loader, method: Method, setup: Setup, seed: int, dense, **schedule) -> list[dict]:
+def _train(model, loader, method: Variant, setup: Setup, seed: int, dense, **schedule) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fxlop.finetune(model, loader, teacher=dense if method.sp or method.kd else None,
+        return fxlop.finetune(model, loader, teacher=dense if method.method.distills else None,
                               config=method.train_config(seed=seed, **schedule), device=setup.device,
                               progress=False).history
 
@@ -269,7 +276,7 @@ def summarize(results: list[dict], key: str) -> dict:
             "n": len(values), "values": values}
 
 
-def sweep(setup: Setup, ratios, methods: dict[str, Method], lrs, seeds, epochs, workers) -> tuple[dict, list]:
+def sweep(setup: Setup, ratios, methods: dict[str, Variant], lrs, seeds, epochs, workers) -> tuple[dict, list]:
     """Best learning rate per (ratio, method) by mean validation accuracy."""
     jobs = [(setup, r, dataclasses.replace(m, lr=lr), s, epochs) for r in ratios for m in methods.values()
             for lr in lrs for s in seeds]
@@ -318,7 +325,7 @@ def grid(args, setup: Setup) -> dict:
     dense = context(setup)["dense"]
     return {"setup": dataclasses.asdict(setup), "machine": common.machine(), "seeds": seeds, "lrs": args.lrs,
             "paper_lr": args.paper_lr, "paper_budgets": args.paper_budgets or [min(budgets)], "workers": args.workers,
-            "methods": {n: dataclasses.asdict(m) for n, m in methods.items()},
+            "methods": {n: m.settings() for n, m in methods.items()},
             "dense_test": 100 * fxlop.evaluate(dense, context(setup)["loaders"]["test"])["accuracy"],
             "rows": rows, "runs": results, "sweep": sweep_results, "wall_time_s": time.perf_counter() - began}
 
@@ -471,17 +478,17 @@ def grid_plot(combined: dict, path: Path) -> None:
 VARIANTS = {
     # every factor's rate divided by its gain: the kernel factor moves the product like plain
     # fine-tuning, each outer factor adds at most factor_lr_scale of that along the top direction
-    "lop_norm0.1": Method("lop_norm0.1", lop=True, factor_lr="normalized", factor_lr_scale=0.1),
-    "lop_norm0.3": Method("lop_norm0.3", lop=True, factor_lr="normalized", factor_lr_scale=0.3),
-    "lop_norm1": Method("lop_norm1", lop=True, factor_lr="normalized", factor_lr_scale=1.0),
-    "lop_fuse_half": Method("lop_fuse_half", lop=True, factor_lr_scale=0.5, fuse_at=0.5),
+    "lop_norm0.1": Variant("lop_norm0.1", fxlop.METHODS["lop"], factor_lr="normalized", factor_lr_scale=0.1),
+    "lop_norm0.3": Variant("lop_norm0.3", fxlop.METHODS["lop"], factor_lr="normalized", factor_lr_scale=0.3),
+    "lop_norm1": Variant("lop_norm1", fxlop.METHODS["lop"], factor_lr="normalized", factor_lr_scale=1.0),
+    "lop_fuse_half": Variant("lop_fuse_half", fxlop.METHODS["lop"], factor_lr_scale=0.5, fuse_at=0.5),
     # every hidden width equal to the layer's own (r = 1): LOP's first-order update map does not
     # depend on the widths (README, "How LOP changes the optimizer"); this measures what the rest is worth
-    "lop_r1": Method("lop_r1", lop=True, factor_lr_scale=0.5, expansion=1, pointwise_expansion=1),
-    "sp_rel0.1": Method("sp_rel0.1", sp=True, sp_weighting="relative", gamma=0.1),
-    "sp_rel0.3": Method("sp_rel0.3", sp=True, sp_weighting="relative", gamma=0.3),
-    "sp_rel1": Method("sp_rel1", sp=True, sp_weighting="relative", gamma=1.0),
-    "lop_sp_rel0.3": Method("lop_sp_rel0.3", lop=True, sp=True, factor_lr_scale=0.5, sp_weighting="relative",
+    "lop_r1": Variant("lop_r1", fxlop.METHODS["lop"], factor_lr_scale=0.5, expansion=1, pointwise_expansion=1),
+    "sp_rel0.1": Variant("sp_rel0.1", fxlop.METHODS["sp"], sp_weighting="relative", gamma=0.1),
+    "sp_rel0.3": Variant("sp_rel0.3", fxlop.METHODS["sp"], sp_weighting="relative", gamma=0.3),
+    "sp_rel1": Variant("sp_rel1", fxlop.METHODS["sp"], sp_weighting="relative", gamma=1.0),
+    "lop_sp_rel0.3": Variant("lop_sp_rel0.3", fxlop.METHODS["lop_sp"], factor_lr_scale=0.5, sp_weighting="relative",
                             gamma=0.3),
 }
 #: what the grid can compare (``--methods``)
@@ -492,16 +499,17 @@ STUDY = {
     **BASELINES,
     **UNTUNED,
     **VARIANTS,
-    "lop_balanced": Method("lop_balanced", lop=True, init="balanced"),
-    "lop_factor_wd0": Method("lop_factor_wd0", lop=True, factor_weight_decay=0.0),
-    "lop_r2": Method("lop_r2", lop=True, expansion=2),
-    "lop_depth2": Method("lop_depth2", lop=True, depth=2),
-    "lop_kxk": Method("lop_kxk", lop=True, layers="kxk"),
-    "sp_stages": Method("sp_stages", sp=True, taps="stages", tap_reduction="sum"),
-    "sp_gamma10000": Method("sp_gamma10000", sp=True, gamma=10000.0),
-    "lop_factor_lr0.25": Method("lop_factor_lr0.25", lop=True, factor_lr_scale=0.25),
-    "lop_factor_lr0.5_wd0": Method("lop_factor_lr0.5_wd0", lop=True, factor_lr_scale=0.5, factor_weight_decay=0.0),
-    "lop_sp_gamma300": Method("lop_sp_gamma300", lop=True, sp=True, gamma=300.0),
+    "lop_balanced": Variant("lop_balanced", fxlop.METHODS["lop"], init="balanced"),
+    "lop_factor_wd0": Variant("lop_factor_wd0", fxlop.METHODS["lop"], factor_weight_decay=0.0),
+    "lop_r2": Variant("lop_r2", fxlop.METHODS["lop"], expansion=2),
+    "lop_depth2": Variant("lop_depth2", fxlop.METHODS["lop"], depth=2),
+    "lop_kxk": Variant("lop_kxk", fxlop.METHODS["lop"], layers="kxk"),
+    "sp_stages": Variant("sp_stages", fxlop.METHODS["sp"], taps="stages", tap_reduction="sum"),
+    "sp_gamma10000": Variant("sp_gamma10000", fxlop.METHODS["sp"], gamma=10000.0),
+    "lop_factor_lr0.25": Variant("lop_factor_lr0.25", fxlop.METHODS["lop"], factor_lr_scale=0.25),
+    "lop_factor_lr0.5_wd0": Variant("lop_factor_lr0.5_wd0", fxlop.METHODS["lop"], factor_lr_scale=0.5,
+                                    factor_weight_decay=0.0),
+    "lop_sp_gamma300": Variant("lop_sp_gamma300", fxlop.METHODS["lop_sp"], gamma=300.0),
 }
 
 
@@ -528,7 +536,7 @@ def study(args, setups: list[Setup], names: list[str]) -> dict:
             chosen = [r for r in results if r["method"]["lr"] == best]
             test = summarize(chosen, "test_accuracy")
             record["variants"][name] = {
-                "settings": dataclasses.asdict(method), "model": setup.model, "ratio": ratio, "epochs": epochs,
+                "settings": method.settings(), "model": setup.model, "ratio": ratio, "epochs": epochs,
                 "seeds": seeds, "val_by_lr": {str(lr): v for lr, v in by_lr.items()}, "best_lr": best,
                 "val": by_lr[best], "test": test,
                 "train_ce": [statistics.mean(r["train_ce"][e] for r in chosen) for e in range(epochs)],
@@ -551,7 +559,7 @@ def study_markdown(study_result: dict) -> str:
         vals = [d["variants"][name]["val"]["mean"] for d in datasets.values() if name in d["variants"]]
         return (-len(vals), -statistics.mean(vals))
 
-    defaults = dataclasses.asdict(Method("x"))
+    defaults = Variant("x").settings()
     firsts = {ds: next(iter(d["variants"].values())) for ds, d in datasets.items()}
     lines = ["Every variant at its best learning rate by validation accuracy (test accuracy for reference, not used "
              "to choose); " + "; ".join(f"{ds}: {d.get('setup', {}).get('model', 'resnet20')}, R={f['ratio']}, "

@@ -40,23 +40,22 @@ import torch.nn.functional as F
 
 import fxlop
 from fxlop.data import make_loader
-from fxlop.passes.dynamics import preconditioner
-from fxlop.passes.expanded import ExpandedLayer
+from fxlop.passes import ExpandedLayer, preconditioner
 
 from . import common
 from . import recovery
-from .recovery import Method, Setup
+from .recovery import Setup, Variant
 
 #: the recipes, each at its swept learning rate (the main job's settings for SP and LOP)
 RECIPES = {
-    "vanilla": Method("vanilla"),
-    "onecycle": Method("onecycle", schedule="onecycle"),
+    "vanilla": Variant("vanilla"),
+    "onecycle": Variant("onecycle", schedule="onecycle"),
     "sp": recovery.BASELINES["sp"],
     "lop": recovery.BASELINES["lop"],
     "lop_sp": recovery.BASELINES["lop_sp"],
-    "kd": Method("kd", kd=True),
-    "kd_sp": Method("kd_sp", kd=True, sp=True, sp_weighting="relative", gamma=0.3),
-    "kd_lop": Method("kd_lop", kd=True, lop=True, factor_lr_scale=0.5),
+    "kd": Variant("kd", fxlop.METHODS["kd"]),
+    "kd_sp": Variant("kd_sp", fxlop.METHODS["kd_sp"], sp_weighting="relative", gamma=0.3),
+    "kd_lop": Variant("kd_lop", fxlop.METHODS["kd_lop"], factor_lr_scale=0.5),
 }
 #: the learning rates each recipe is swept over (onecycle's is its peak)
 SWEEP_LRS = {"onecycle": (0.05, 0.1, 0.2)}
@@ -70,14 +69,14 @@ REPORTED_SEEDS = tuple(range(1000, 1010))
 RUNS = "retraining_runs.jsonl"
 
 
-def paper_methods(control_lr: float) -> dict[str, Method]:
+def paper_methods(control_lr: float) -> dict[str, Variant]:
     """vanilla and LOP at the paper's rate, and the control at ``control_lr``, for both schedules."""
     methods = {}
     for schedule in PAPER_SCHEDULES:
-        methods[f"vanilla@{schedule}"] = Method(f"vanilla@{schedule}", lr=PAPER_LR, schedule=schedule)
-        methods[f"lop@{schedule}"] = Method(f"lop@{schedule}", lop=True, lr=PAPER_LR, schedule=schedule,
+        methods[f"vanilla@{schedule}"] = Variant(f"vanilla@{schedule}", lr=PAPER_LR, schedule=schedule)
+        methods[f"lop@{schedule}"] = Variant(f"lop@{schedule}", fxlop.METHODS["lop"], lr=PAPER_LR, schedule=schedule,
                                             factor_lr_scale=1.0)
-        methods[f"control@{schedule}"] = Method(f"control@{schedule}", lr=control_lr, schedule=schedule)
+        methods[f"control@{schedule}"] = Variant(f"control@{schedule}", lr=control_lr, schedule=schedule)
     return methods
 
 
@@ -102,7 +101,7 @@ def median_gain(setup: Setup, ratio: float, seed: int = 0) -> float:
     return statistics.median(gains)
 
 
-def _key(stage: str, setup: Setup, ratio: float, method: Method, seed: int, epochs: int) -> str:
+def _key(stage: str, setup: Setup, ratio: float, method: Variant, seed: int, epochs: int) -> str:
     return json.dumps([stage, setup.dataset, setup.model, ratio, method.name, method.lr, seed, epochs])
 
 
@@ -222,7 +221,7 @@ def compare(args, setup: Setup, runs: Runs) -> dict:
                 "val": recovery.summarize(by_method[name], "val_accuracy"),
                 "to_vanilla": None if name == "vanilla" else paired(values, vanilla),
                 "seconds": statistics.median(r["seconds_per_epoch"] * r["epochs"] for r in by_method[name]),
-                "settings": dataclasses.asdict(method)}
+                "settings": method.settings()}
         for schedule in PAPER_SCHEDULES:
             lop, plain, control = (_accuracies(by_method[f"{m}@{schedule}"]) for m in ("lop", "vanilla", "control"))
             row["methods"][f"lop@{schedule}"]["to_same_protocol"] = paired(lop, plain)

@@ -33,7 +33,7 @@ from fxlop import passes
 from fxlop.models import build_model
 from fxlop.prune import prune
 from fxlop.optim import make_optimizer as _optimizer
-from fxlop.passes.expanded import BatchComposer, ExpandedLayer, KernelComposer
+from fxlop.passes import BatchComposer, ExpandedLayer, KernelComposer
 
 from . import common
 

@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+import fxlop
+
 from benchmarks import common, mechanism, recovery, retraining, speed, zoo
 
 
@@ -29,6 +31,15 @@ def test_docs_recovery_table_is_the_json():
 
 def test_docs_speed_table_is_the_json():
     assert _shown("speed", "speed.md") == speed.markdown(_results("speed")) + "\n"
+
+
+def test_docs_retraining_tables_are_the_json():
+    assert _shown("recovery", "retraining.md") == retraining.markdown(_results("retraining")) + "\n"
+
+
+def test_docs_study_and_rounds_tables_are_the_json():
+    assert _shown("recovery", "recovery_study.md") == recovery.study_markdown(_results("recovery_study")) + "\n"
+    assert _shown("recovery", "recovery_rounds.md") == recovery.rounds_markdown(_results("recovery_rounds")) + "\n"
 
 
 def test_docs_zoo_summary_is_the_json():
@@ -80,7 +91,7 @@ def test_time_table_gives_each_budgets_accuracy_and_wall_time():
 
 def test_fusing_halfway_trains_the_expanded_then_the_fused_model(results_dir):
     setup = recovery.Setup(dataset="mnist1d", model="cnn1d", dense_epochs=1)
-    method = recovery.Method("lop_fuse_half", lop=True, factor_lr_scale=0.5, fuse_at=0.5, lr=0.05)
+    method = recovery.Variant("lop_fuse_half", fxlop.METHODS["lop"], factor_lr_scale=0.5, fuse_at=0.5, lr=0.05)
     run = recovery.run_one((setup, 0.8, method, 0, 4))
     whole = recovery.run_one((setup, 0.8, dataclasses.replace(method, fuse_at=None), 0, 4))
     assert len(run["train_ce"]) == 4 and run["train_ce"][:2] == whole["train_ce"][:2]  # same until the fuse
