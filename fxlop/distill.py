@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import passes
-from .passes import layer_names, linear_layer_names, match_names, tap, tapped_node
+from .passes import layer_names, linear_layer_names, match_names, tap, tapped_node, warn_caller
 
 from .errors import FxlopError, TraceError, raises_fxlop_errors
 
@@ -159,8 +158,8 @@ def distiller(teacher: nn.Module, student: nn.Module, taps: Iterable[str] | str 
         raise FxlopError(f"no tap is common to teacher and student (student only: {only_student[:5]}, "
                          f"teacher only: {only_teacher[:5]})")
     if only_teacher or only_student:
-        warnings.warn(f"SP taps without a partner are not used: only in the teacher {only_teacher}, "
-                      f"only in the student {only_student}", stacklevel=2)
+        warn_caller(f"SP taps without a partner are not used: only in the teacher {only_teacher}, "
+                    f"only in the student {only_student}")
     tapped_teacher = tap(teacher_gm, names).eval()
     return Distiller(tapped_teacher, tap(student_gm, names), names, only_teacher, only_student, reduction)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from .errors import FxlopError
+from .passes import warn_caller
 
 __all__ = ["prune", "prune_steps", "PruneResult", "PruneError", "IMPORTANCES"]
 
@@ -126,9 +126,9 @@ def prune_steps(model: nn.Module, example_inputs, *, ratio: float, steps: int, i
         unpruned = _unpruned(widths_before, widths_after, ignored_names, refused, global_pruning)
         if unpruned and step == steps - 1:
             listed = ", ".join(unpruned[:8]) + (f" and {len(unpruned) - 8} more" if len(unpruned) > 8 else "")
-            warnings.warn(f"torch-pruning left {len(unpruned)} layers wider than ratio {ratio} asks: {listed} (it "
-                          f"skips a group when floor(width * (1 - ratio)) would be 0 channels, and layers coupled to "
-                          f"ignored ones or that it cannot prune); see PruneResult.unpruned", stacklevel=3)
+            warn_caller(f"torch-pruning left {len(unpruned)} layers wider than ratio {ratio} asks: {listed} (it "
+                        f"skips a group when floor(width * (1 - ratio)) would be 0 channels, and layers coupled to "
+                        f"ignored ones or that it cannot prune); see PruneResult.unpruned")
         model.train(was_training)
         yield PruneResult(model=model, params_before=int(params_before), params_after=int(params_after),
                           macs_before=float(macs_before), macs_after=float(macs_after), widths_before=widths_before,

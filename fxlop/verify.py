@@ -19,7 +19,6 @@ import copy
 import dataclasses
 import math
 import threading
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import EquivalenceError, FxlopError, raises_fxlop_errors
-from .passes import ExpandedLayer, layer_sites, linear_layer_names, module_function, report_of
+from .passes import ExpandedLayer, layer_sites, linear_layer_names, module_function, report_of, warn_caller
 
 __all__ = ["verify", "relative_error", "default_rtol", "RTOL"]
 
@@ -220,12 +219,12 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs, *, rtol: 
             # within tolerance of its own largest value can still be wrong on a small channel)
             if not tally.layers or not selections.seen:
                 raise
-            warnings.warn(
+            warn_caller(
                 f"verify: every compared module agreed ({tally.layers} module outputs), and so did the outputs "
                 f"with the modules' outputs taken from the reference, but the candidate on its own gives different "
                 f"outputs: {error}.  The candidate runs ops that select or reorder by floating-point values "
                 f"({', '.join(sorted(selections.seen))}), which turns within-tolerance rounding into different "
-                f"selections; this is not counted as a difference.", stacklevel=2)
+                f"selections; this is not counted as a difference.")
         else:
             tally.worst = max(tally.worst, free.worst)
             tally.meaningful += free.meaningful
@@ -491,7 +490,7 @@ def _folded(model: nn.Module) -> list[dict]:
 
 
 def _graph_sites(gm: fx.GraphModule, name: str) -> list[fx.Node]:
-    """The output nodes of the layer ``name``, one per call site (:func:`passes.tap.layer_sites`)."""
+    """The output nodes of the layer ``name``, one per call site (:func:`fxlop.passes.layer_sites`)."""
     return layer_sites(gm, name)
 
 

@@ -5,6 +5,7 @@ module (``expand``, ``fuse``, ``batch``, ``fold_bn``), takes its options as an :
 or its fields, and records what it did in the model's :class:`Report` (:func:`report_of`).
 """
 from .batch import batch_compositions, unbatch_compositions
+from .caller import warn_caller
 from .dynamics import factor_gains, gain_range, preconditioner
 from .errors import ExpansionError, FusionError, PassError, SelectionError, TraceError
 from .expand import expand, expand_modules
@@ -28,4 +29,4 @@ __all__ = ["expand", "expand_modules", "fuse", "fuse_modules", "fold_batchnorm",
            "FuseReport", "FusedRecord", "FoldReport", "FoldedRecord", "report_of", "as_dict", "META_KEY",
            "is_expandable", "module_function", "set_attr", "compose", "factor_gains", "preconditioner", "gain_range",
            "tap", "tapped_node", "layer_names", "linear_layer_names", "layer_sites", "match_names", "Patterns",
-           "option", "replaced", "POINTWISE_EXPANSION", "MAX_BYTES", "MAX_LAYER_PARAMS", "MAX_SECONDS", "PassError", "TraceError", "ExpansionError", "FusionError", "SelectionError"]
+           "option", "replaced", "warn_caller", "POINTWISE_EXPANSION", "MAX_BYTES", "MAX_LAYER_PARAMS", "MAX_SECONDS", "PassError", "TraceError", "ExpansionError", "FusionError", "SelectionError"]

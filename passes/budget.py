@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import cost as cost_model, linalg
+from .caller import warn_caller
 from .errors import ExpansionError
 from .options import ExpandOptions
 
@@ -98,10 +99,10 @@ def plan(layers: Sequence[tuple[str, torch.Tensor, int]], *, expansion: float, d
                                   f"{own:g}, over max_layer_params={max_layer_params:,}; "
                                   f"{lower.cost.params:,} at expansion {lower.expansion:g}"})
     if reduced or dense:
-        warnings.warn(f"expand: {len(reduced)} layers expanded at a lower expansion and {len(dense)} left dense "
-                      f"because their factors would exceed max_layer_params={max_layer_params:,} parameters: "
-                      f"{', '.join([r['name'] for r in reduced] + list(dense))[:300]} "
-                      f"(see the report's 'reduced' and 'skipped')", stacklevel=3)
+        warn_caller(f"expand: {len(reduced)} layers expanded at a lower expansion and {len(dense)} left dense "
+                    f"because their factors would exceed max_layer_params={max_layer_params:,} parameters: "
+                    f"{', '.join([r['name'] for r in reduced] + list(dense))[:300]} "
+                    f"(see the report's 'reduced' and 'skipped')")
     return planned, reduced, dense
 
 

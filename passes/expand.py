@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable
 
 import torch.fx as fx
@@ -18,6 +17,7 @@ import torch.nn as nn
 
 from . import linalg
 from .budget import check_budget, parameter_bytes, plan
+from .caller import warn_caller
 from .discover import Layer, find_graph_layers, find_module_layers
 from .errors import ExpansionError
 from .expanded import COMPOSED, ExpandedLayer, chain_plan, module_problem, new_expanded_layer, parameter_count, \
@@ -193,9 +193,8 @@ def _choose(model: nn.Module, layers: dict[str, Layer], skipped: dict[str, str],
             skipped[layer.name] = reason
     if is_included is not None and layers and all(skipped.get(n) == "not matched by include" for n in layers):
         shown = [include] if isinstance(include, (str, type)) else list(include)
-        warnings.warn(f"expand: include={shown!r} matches none of the {len(layers)} expandable layers "
-                      f"({', '.join(list(layers)[:5])}{', ...' if len(layers) > 5 else ''}): nothing is expanded",
-                      stacklevel=5)
+        warn_caller(f"expand: include={shown!r} matches none of the {len(layers)} expandable layers "
+                    f"({', '.join(list(layers)[:5])}{', ...' if len(layers) > 5 else ''}): nothing is expanded")
     return chosen
 
 
