@@ -52,7 +52,7 @@ CACHE = Path(__file__).resolve().parent / ".cache"
 class Variant:
     """One variant of the study: a fine-tuning method of the library (:class:`fxlop.Method`, which says
     which of LOP, SP and logit distillation it uses, as the pipeline and the CLI use it) and the levers
-    the study turns.  :meth:`train_config` makes the one :class:`fxlop.TrainConfig` the library validates
+    the study turns.  :meth:`train_config` makes the one :class:`fxlop.TrainOptions` the library validates
     and trains with; :meth:`settings` is the flat record the results store."""
 
     name: str
@@ -78,10 +78,10 @@ class Variant:
     fuse_at: float | None = None  # LOP: fuse after this share of the epochs, finish the schedule fused
     rounds: int = 1  # prune -> fine-tune cycles to reach the ratio, the epochs split over them
 
-    def train_config(self, **extra) -> fxlop.TrainConfig:
+    def train_config(self, **extra) -> fxlop.TrainOptions:
         """The fine-tuning settings of this variant (``extra``: seed, epochs, schedule), checked; the
         method decides which losses stay on (:meth:`fxlop.Method.train_config`)."""
-        base = fxlop.TrainConfig(lr=self.lr, weight_decay=self.weight_decay, schedule=self.schedule,
+        base = fxlop.TrainOptions(lr=self.lr, weight_decay=self.weight_decay, schedule=self.schedule,
                                  kd_weight=self.kd_weight, kd_temperature=self.kd_temperature,
                                  factor_weight_decay=self.factor_weight_decay, factor_lr_scale=self.factor_lr_scale,
                                  factor_lr=self.factor_lr, gamma=self.gamma, taps=_taps(self),

@@ -82,7 +82,7 @@ def pruned_half(factory, side, device):
 
 
 def training_step(model, x, y, bf16):
-    optimizer = _optimizer(model, fxlop.TrainConfig(lr=1e-3))  # exactly what fxlop.finetune steps with
+    optimizer = _optimizer(model, fxlop.TrainOptions(lr=1e-3))  # exactly what fxlop.finetune steps with
 
     def step():
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -100,7 +100,7 @@ def step_split(model, x, y, bf16, sync, rounds: int = 5) -> dict[str, float]:
     every expanded layer's kernel from its factors as the model does (:func:`compositions`) and
     back-propagating a gradient through it, alone (the part of forward and backward that the compact
     model does not have)."""
-    optimizer = _optimizer(model, fxlop.TrainConfig(lr=1e-3))
+    optimizer = _optimizer(model, fxlop.TrainOptions(lr=1e-3))
     composers = compositions(model)
     best: dict[str, float] = {}
 

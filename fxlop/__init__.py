@@ -10,12 +10,13 @@ from .methods import METHODS, Method
 from .passes import ExpandOptions, Report
 from .checkpoint import load_checkpoint
 from .optim import param_groups
-from .settings import TrainConfig
+from .settings import TrainOptions, renamed
 from .train import evaluate, finetune
 from .verify import verify
 
 __version__ = "0.1.0"
 __all__ = ["expand", "expand_with", "fuse", "overparameterized", "report", "verify", "finetune", "evaluate",
-           "ExpandOptions", "Report", "TrainConfig", "Method", "METHODS", "load_checkpoint", "param_groups",
+           "ExpandOptions", "Report", "TrainOptions", "Method", "METHODS", "load_checkpoint", "param_groups",
            "similarity_loss", "kd_loss", "distiller", "FxlopError", "TraceError", "ExpansionError", "FusionError",
            "SelectionError", "EquivalenceError", "__version__"]
+__getattr__ = renamed(globals(), {"TrainConfig": "TrainOptions"})  # the old name, with a DeprecationWarning

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from .errors import FxlopError, raises_fxlop_errors
 from .io import check_file, save
-from .settings import TrainConfig
+from .settings import TrainOptions
 
 CHECKPOINT_FORMAT = "fxlop-checkpoint/2"
 
@@ -63,7 +63,7 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     return payload
 
 
-def _restore(path, model, optimizer, scheduler, loader, device, rank, config: TrainConfig):
+def _restore(path, model, optimizer, scheduler, loader, device, rank, config: TrainOptions):
     """Load a checkpoint into the run; returns ``(epoch, history, sp_scale)``.  A checkpoint written
     with other settings is refused: resuming would keep its optimizer and schedule silently."""
     checkpoint = load_checkpoint(path, map_location=device)

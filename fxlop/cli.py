@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from .passes import ExpandOptions
-    from .pipeline import RunSettings
+    from .pipeline import RunOptions
 
-    defaults = RunSettings()
+    defaults = RunOptions()
     parser = _Parser(prog="fxlop", description="Linear over-parameterization of pruned networks.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -110,9 +110,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from .pipeline import RunSettings, run
+    from .pipeline import RunOptions, run
 
-    defaults = RunSettings()
+    defaults = RunOptions()
     values = vars(args)
 
     def pick(instance):
@@ -133,8 +133,8 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-#: the groups of ``fxlop run --help``: RunSettings fields by name; "train" and "expand" stand for
-#: every field of the TrainConfig and ExpandOptions the run holds
+#: the groups of ``fxlop run --help``: RunOptions fields by name; "train" and "expand" stand for
+#: every field of the TrainOptions and ExpandOptions the run holds
 _RUN_GROUPS = (
     ("data and model", ("model", "weights", "dataset", "data_dir", "download", "image_size", "val_fraction")),
     ("pruning (torch-pruning)", ("ratio", "importance", "global_pruning", "iterative_steps", "rounds")),
@@ -146,7 +146,7 @@ _RUN_GROUPS = (
 
 def _add_settings(group, instance, only=None, with_hidden=()) -> None:
     """One flag per field of a settings dataclass (``--field-name``), with its help, choices and parser
-    from the field's metadata (``passes.options.option``; else typed from its annotation) and its value
+    from the field's metadata (``fxlop.passes.option``; else typed from its annotation) and its value
     in ``instance`` as the default.  ``with_hidden``: fields offered although their metadata says not
     (``fxlop expand --seed``: in ``fxlop run`` the run's own ``--seed`` sets it)."""
     hints = typing.get_type_hints(type(instance))

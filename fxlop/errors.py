@@ -1,10 +1,12 @@
-"""The errors fxlop raises on purpose; all derive from :class:`FxlopError`.
+"""The errors fxlop raises on purpose.
 
 The passes (:mod:`fxlop.passes`) never import the rest of fxlop, so they raise their own
 :class:`~fxlop.passes.PassError` kinds, which fxlop re-exports (``fxlop.ExpansionError is
-fxlop.passes.ExpansionError``).  fxlop's entry points re-raise a pass error as a subclass of both its
-kind and :class:`FxlopError` (:func:`fxlop_errors`): ``except fxlop.ExpansionError`` catches an
-expansion refused anywhere, ``except fxlop.FxlopError`` everything that leaves fxlop's functions.
+fxlop.passes.ExpansionError``).  fxlop's functions and the CLI re-raise a pass error as an instance of
+both its kind and :class:`FxlopError` (:func:`fxlop_errors`): ``except fxlop.ExpansionError`` catches
+an expansion refused anywhere, ``except fxlop.FxlopError`` every error that leaves fxlop's functions.
+The passes' own objects that fxlop re-exports (``ExpandOptions``, ``ExpandedLayer``) raise the passes'
+kinds when used directly.
 """
 import contextlib
 import functools
@@ -60,8 +62,10 @@ def fxlop_errors() -> Iterator[None]:
     except passes.PassError as error:
         if isinstance(error, FxlopError):
             raise
-        # the same message, frames and cause: one traceback, not the pass error's printed above it
-        raise as_fxlop_error(error) from error.__cause__
+        # the same message, frames and cause (or the error it was raised while handling): one traceback,
+        # not the pass error's printed above it
+        cause = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
+        raise as_fxlop_error(error) from cause
 
 
 Function = TypeVar("Function", bound=Callable)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from .errors import FxlopError
-from .settings import TrainConfig
+from .settings import TrainOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +18,8 @@ class Method:
     Attributes:
         name: how settings and reports name it (``"lop_sp"``).
         lop: fine-tune the expanded model (:func:`fxlop.expand`), fused back after.
-        sp: add the similarity-preserving loss against the dense teacher (``TrainConfig.gamma``).
-        kd: add Hinton's logit distillation from the dense teacher (``TrainConfig.kd_weight``).
+        sp: add the similarity-preserving loss against the dense teacher (``TrainOptions.gamma``).
+        kd: add Hinton's logit distillation from the dense teacher (``TrainOptions.kd_weight``).
         summary: one line for help texts.
     """
 
@@ -34,7 +34,7 @@ class Method:
         """Whether the method needs the dense teacher."""
         return self.sp or self.kd
 
-    def train_config(self, base: TrainConfig, **changes) -> TrainConfig:
+    def train_config(self, base: TrainOptions, **changes) -> TrainOptions:
         """``base`` with this method's losses: ``gamma`` kept only with SP, ``kd_weight`` only with KD.
 
         Args:

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .passes import ExpandedLayer, factor_gains
 
 from .errors import FxlopError, raises_fxlop_errors
-from .settings import FACTOR_LRS, TrainConfig
+from .settings import FACTOR_LRS, TrainOptions
 
 __all__ = ["param_groups", "make_optimizer", "make_scheduler"]
 
@@ -27,7 +27,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, factor_lr_
     own named ``...factors...`` is not one); they train at ``lr * factor_lr_scale`` with
     ``factor_weight_decay`` (``None``: ``weight_decay``).  ``factor_lr="normalized"`` gives every
     factor a group of its own whose rate is further divided by its gain
-    (:func:`passes.dynamics.factor_gains`, measured now on the current factors).  Every other
+    (:func:`fxlop.passes.factor_gains`, measured now on the current factors).  Every other
     trainable parameter gets ``lr`` and ``weight_decay``.  Empty groups are left out; each group
     carries a ``"name"`` (``"factors"``, ``"others"`` or ``"<layer>.factors.<k>"``).
 
@@ -64,7 +64,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, factor_lr_
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainOptions) -> torch.optim.Optimizer:
     groups = param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
                           factor_lr_scale=config.factor_lr_scale, factor_weight_decay=config.factor_weight_decay,
                           factor_lr=config.factor_lr)
@@ -91,7 +91,7 @@ def _fused_supported(params) -> bool | None:
     return None
 
 
-def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int | None = None):
+def make_scheduler(optimizer, config: TrainOptions, steps_per_epoch: int | None = None):
     """The learning-rate schedule from epoch ``schedule_start`` of it on: torch's ``OneCycleLR`` stepped
     every batch (``steps_per_epoch`` of them), else per-epoch factors (``LambdaLR``) in closed form,
     so that a run can start part-way through a schedule."""

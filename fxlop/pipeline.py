@@ -11,25 +11,24 @@ import shutil
 import tempfile
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .passes import ExpandedLayer, ExpandOptions, layer_names, match_names, report_of, trace
+from .passes import ExpandedLayer, ExpandOptions, layer_names, match_names, report_of, trace, warn_caller
 
 from . import data as datasets
 from . import models
 from .core import expand_with, fuse
 from .errors import FxlopError, raises_fxlop_errors
 from .io import UMASK, check_directory_writable, check_file, check_writable, same_file, save
-from .methods import METHODS
+from .methods import METHODS, Method
 from .prune import IMPORTANCES, prune_steps
 from .reporting import plot_curves, table, write_json
 from .distributed import init_distributed
-from .settings import TrainConfig, setting
+from .settings import TrainOptions, renamed, setting
 from .train import check_device, evaluate, finetune
 from .verify import verify
 
@@ -43,15 +42,15 @@ DEFAULT_MODELS = {"mnist1d": "cnn1d"}
 DEFAULT_MODEL = "resnet20"
 
 
-def _run_training() -> TrainConfig:
+def _run_training() -> TrainOptions:
     """The fine-tuning settings of ``fxlop run`` by default: the recovery study's choices."""
-    return TrainConfig(epochs=10, lr=0.05, gamma=0.3, sp_weighting="relative", kd_weight=0.5)
+    return TrainOptions(epochs=10, lr=0.05, gamma=0.3, sp_weighting="relative", kd_weight=0.5)
 
 
 @dataclasses.dataclass
-class RunSettings:
+class RunOptions:
     """Everything ``fxlop run`` does is decided here: its own fields, the fine-tuning settings
-    (``train``, a :class:`TrainConfig`) and the expansion (``expand``, :class:`ExpandOptions`).
+    (``train``, a :class:`TrainOptions`) and the expansion (``expand``, :class:`ExpandOptions`).
     The command line is built from these fields; :meth:`check` validates all of them before any work.
 
     ``train.epochs`` is the whole fine-tuning budget; with ``rounds`` > 1 it is split evenly over the
@@ -82,7 +81,7 @@ class RunSettings:
     dense_epochs: int = setting(15, "epochs of training the dense model (without --weights)")
     dense_lr: float = setting(0.1, "learning rate of the dense training")
     batch_size: int = setting(128, "batch size")
-    train: TrainConfig = dataclasses.field(default_factory=_run_training)
+    train: TrainOptions = dataclasses.field(default_factory=_run_training)
     #: the expansion of the LOP methods (its ``seed`` is the run's)
     expand: ExpandOptions = dataclasses.field(default_factory=ExpandOptions)
     seed: int = setting(0, "seed of everything: data split, dense model, expansion, fine-tuning")
@@ -106,7 +105,7 @@ class RunSettings:
         share, extra = divmod(self.train.epochs, self.rounds)
         return [share] * (self.rounds - 1) + [share + extra]
 
-    def train_config(self, method: str, epochs: int | None = None) -> TrainConfig:
+    def train_config(self, method: str, epochs: int | None = None) -> TrainOptions:
         """The fine-tuning settings of ``method`` (its losses, see :meth:`fxlop.methods.Method.train_config`)."""
         return METHODS[method].train_config(self.train, epochs=self.train.epochs if epochs is None else epochs,
                                             seed=self.seed)
@@ -260,10 +259,10 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 @raises_fxlop_errors
-def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> RunReport:
+def run(settings: RunOptions, *, progress: bool | None = None, echo=print) -> RunReport:
     """Run the whole job and return the report (also written to ``settings.out``/report.json).
 
-    Every method of :attr:`RunSettings.methods` is fine-tuned with the same budget; ``vanilla``
+    Every method of :attr:`RunOptions.methods` is fine-tuned with the same budget; ``vanilla``
     always is one of them.  ``--method auto`` deploys the one with the best validation accuracy
     (ties go to vanilla), so the deployed model is never worse than plain fine-tuning on the
     validation split; an explicit method is deployed as asked, with a warning when vanilla did
@@ -282,7 +281,7 @@ def run(settings: RunSettings, *, progress: bool | None = None, echo=print) -> R
     once ``--out`` is in place.
 
     Args:
-        settings: the run, validated by :meth:`RunSettings.check` before any work.
+        settings: the run, validated by :meth:`RunOptions.check` before any work.
         progress: progress bars (default: when stderr is a terminal).
         echo: where the progress lines go.
 
@@ -331,12 +330,12 @@ def _keep_incomplete(staging: Path, final: Path) -> None:
         if _is_run_directory(incomplete):
             shutil.rmtree(incomplete)
         elif incomplete.exists() or incomplete.is_symlink():  # not a run's: left alone
-            warnings.warn(f"fxlop run: what the failed run wrote is left in {staging} ({incomplete} exists and is "
-                          f"not a run's directory, so it was not replaced)", stacklevel=3)
+            warn_caller(f"fxlop run: what the failed run wrote is left in {staging} ({incomplete} exists and is "
+                        f"not a run's directory, so it was not replaced)")
             return
         os.replace(staging, incomplete)
     except OSError as error:
-        warnings.warn(f"fxlop run: what the failed run wrote is left in {staging} ({error})", stacklevel=3)
+        warn_caller(f"fxlop run: what the failed run wrote is left in {staging} ({error})")
 
 
 def _replace_directory(staging: Path, final: Path) -> None:
@@ -422,7 +421,7 @@ class Counts:
 @dataclasses.dataclass
 class RunReport:
     """What :func:`run` did; ``report.json`` is :func:`fxlop.passes.as_dict` of it."""
-    settings: RunSettings
+    settings: RunOptions
     model: str
     device: str
     data: DataSummary
@@ -446,7 +445,7 @@ class RunReport:
 @dataclasses.dataclass
 class _Job:
     """The state a run's steps pass on: each step reads what earlier ones set."""
-    settings: RunSettings
+    settings: RunOptions
     device: torch.device
     world: int
     progress: bool | None
@@ -470,7 +469,7 @@ class _Job:
     why: str = ""
 
 
-def _run(settings: RunSettings, final: Path, rank: int, world: int, progress, echo,
+def _run(settings: RunOptions, final: Path, rank: int, world: int, progress, echo,
          staging: Path | None = None) -> RunReport:
     """The job of :func:`run`, step by step; rank 0 writes into ``staging``, the report names ``final``."""
     main = rank == 0
@@ -559,9 +558,7 @@ def _prune_and_finetune(job: _Job) -> None:
         where = f"round {index + 1}/{settings.rounds}: " if settings.rounds > 1 else ""
         job.say(f"{where}pruned {1 - pruned.params_after / pruned.params_before:.0%} of the parameters: "
                 f"{pruned.params_before:,} -> {pruned.params_after:,}, accuracy {100 * job.post_prune_accuracy:.2f} %")
-        job.results = _finetune_methods(settings, epochs, job.dense, pruned.model, job.train_loader, job.val_loader,
-                                        job.test_loader, job.example, job.device, job.progress, job.out, job.say,
-                                        suffix=f"_round{index + 1}" if index else "")
+        job.results = _finetune_methods(job, pruned.model, epochs, suffix=f"_round{index + 1}" if index else "")
         job.chosen, job.why = _choose(settings, job.results)
         if job.why:
             job.say(job.why)
@@ -588,7 +585,7 @@ def _report(job: _Job, final: Path) -> RunReport:
         wall_time_s=time.perf_counter() - job.began)
 
 
-def _check_weights_module(dense: nn.Module, settings: RunSettings) -> None:
+def _check_weights_module(dense: nn.Module, settings: RunOptions) -> None:
     """Refuse a --weights module that is not a dense model of --model, before the data are loaded:
     an expanded model (fuse it first), or another architecture than --model (a whole module would
     otherwise override it silently)."""
@@ -626,7 +623,7 @@ def _reference(name: str) -> tuple[type, set[str]]:
     return type(reference), set(reference.state_dict())
 
 
-def _check_weights_data(dense: nn.Module, settings: RunSettings, bundle, example: torch.Tensor) -> None:
+def _check_weights_data(dense: nn.Module, settings: RunOptions, bundle, example: torch.Tensor) -> None:
     """Refuse a --weights model that fails on the data or has the wrong output width, before any work."""
     try:
         with torch.no_grad():
@@ -653,7 +650,7 @@ def _check_taps(model: nn.Module, taps: list[str] | None) -> None:
         raise FxlopError(f"--taps {missing} name no layer of the model (layers include {names[:8]})")
 
 
-def _choose(settings: RunSettings, results: dict) -> tuple[str, str]:
+def _choose(settings: RunOptions, results: dict) -> tuple[str, str]:
     """The method to deploy and, when there is something to say about it, why."""
     def score(method):
         return results[method].val_accuracy
@@ -684,44 +681,46 @@ def summary_table(report: RunReport) -> str:
     return table(rows, ["model", "validation %", "test %", "params", "MACs"])
 
 
-def _finetune_methods(settings, epochs, dense, pruned, train_loader, val_loader, test_loader, example, device,
-                      progress, out, say, suffix="") -> dict:
+def _finetune_methods(job: _Job, pruned: nn.Module, epochs: int, suffix: str = "") -> dict[str, MethodResult]:
     """Every method of the run fine-tuned from ``pruned`` for ``epochs``; LOP methods start from one
     expansion, made before anything trains so that a refused expansion costs nothing."""
+    settings = job.settings
+    methods = [METHODS[name] for name in settings.methods]
     expanded = None
-    if any(METHODS[m].lop for m in settings.methods):
+    if any(method.lop for method in methods):
         expanded = expand_with(pruned, dataclasses.replace(settings.expand, seed=settings.seed))
         plan = report_of(expanded).expand
-        say(f"expanded {len(plan.expanded)} layers: {plan.params_before:,} -> {plan.params_after:,} "
-            f"parameters for LOP's fine-tuning")
+        job.say(f"expanded {len(plan.expanded)} layers: {plan.params_before:,} -> {plan.params_after:,} "
+                f"parameters for LOP's fine-tuning")
     results = {}
-    for method in settings.methods:
-        say(f"fine-tuning: {method}, {epochs} epochs")
-        student = copy.deepcopy(expanded if METHODS[method].lop else pruned)
-        results[method] = _finetune_method(method, settings, epochs, dense, pruned, student, train_loader,
-                                           val_loader, test_loader, example, device, progress,
-                                           out / f"{method}{suffix}.jsonl")
+    for method in methods:
+        job.say(f"fine-tuning: {method.name}, {epochs} epochs")
+        student = copy.deepcopy(expanded if method.lop else pruned)
+        results[method.name] = _finetune_method(job, method, pruned, student, epochs,
+                                                job.out / f"{method.name}{suffix}.jsonl")
     return results
 
 
-def _finetune_method(method, settings, epochs, dense, pruned, student, train_loader, val_loader, test_loader,
-                     example, device, progress, log_path) -> dict:
-    lop = METHODS[method].lop
+def _finetune_method(job: _Job, method: Method, pruned: nn.Module, student: nn.Module, epochs: int,
+                     log_path: Path) -> MethodResult:
+    """Fine-tune ``student`` (a copy of ``pruned``, expanded for LOP) by ``method``; the result's deployed
+    model has ``pruned``'s architecture, fused and verified for LOP."""
+    val_loader, test_loader, device = job.val_loader, job.test_loader, job.device
     began = time.perf_counter()
-    result = finetune(student, train_loader, teacher=dense, val_loader=val_loader or test_loader,
-                      config=settings.train_config(method, epochs), device=device, progress=progress,
+    result = finetune(student, job.train_loader, teacher=job.dense, val_loader=val_loader or test_loader,
+                      config=job.settings.train_config(method.name, epochs), device=device, progress=job.progress,
                       log_path=log_path)
     seconds = time.perf_counter() - began
     deployed = copy.deepcopy(pruned)
     verified_error = None
-    if lop:
+    if method.lop:
         fused = fuse(student)
-        verified_error = verify(student, fused, example)  # raises before anything is saved
+        verified_error = verify(student, fused, job.example)  # raises before anything is saved
         deployed.load_state_dict(fused.state_dict())
     else:
         deployed.load_state_dict(student.state_dict())
     deployed.eval()
-    expanded = report_of(student).expand if lop else None
+    expanded = report_of(student).expand if method.lop else None
     return MethodResult(
         accuracy=evaluate(deployed, test_loader, device=device)["accuracy"],
         val_accuracy=evaluate(deployed, val_loader, device=device)["accuracy"] if val_loader is not None else None,
@@ -733,3 +732,6 @@ def _finetune_method(method, settings, epochs, dense, pruned, student, train_loa
 def _count(model: nn.Module, example) -> tuple[int, float]:
     macs, params = tp.utils.count_ops_and_params(model, example)
     return int(params), float(macs)
+
+
+__getattr__ = renamed(globals(), {"RunSettings": "RunOptions"})

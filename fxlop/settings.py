@@ -1,13 +1,15 @@
-"""The settings of fine-tuning: :class:`TrainConfig` (what :func:`fxlop.train.finetune` takes and checkpoints
+"""The settings of fine-tuning: :class:`TrainOptions` (what :func:`fxlop.train.finetune` takes and checkpoints
 store), :func:`setting`, the dataclass-field helper from which ``fxlop.cli`` builds its flags, and the choices of
 optimizer, schedule, factor learning rate and SP weighting that the settings are checked against."""
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 from .errors import FxlopError
-from .passes import option
+from .passes import option, warn_caller
 
 OPTIMIZERS = ("sgd", "adamw")
 #: per-epoch schedules (closed forms over the schedule's length) and torch's OneCycleLR, stepped per batch
@@ -22,7 +24,7 @@ setting = option
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainOptions:
     """Settings of :func:`finetune` (also stored in checkpoints).
 
     ``factor_weight_decay``/``factor_lr_scale``/``factor_lr`` apply to the factors of expanded layers
@@ -30,7 +32,7 @@ class TrainConfig:
     weight decay (decay on factors biases the product towards low rank); ``None`` means the same as
     ``weight_decay``.  ``factor_lr="uniform"`` trains every factor at ``lr * factor_lr_scale``;
     ``"normalized"`` divides each factor's rate further by the largest gain of its term in LOP's
-    preconditioner (:func:`passes.dynamics.factor_gains`), so that the update of the product no
+    preconditioner (:func:`fxlop.passes.factor_gains`), so that the update of the product no
     longer depends on the arbitrary scale of the layer's weight.  The factors train at half the
     base rate by default: a chain of factors moves its product faster than one weight at the same
     rate (docs/theory.md, "How LOP changes the optimizer").
@@ -129,3 +131,27 @@ class TrainConfig:
     @property
     def total_schedule_epochs(self) -> int:
         return self.epochs if self.schedule_epochs is None else self.schedule_epochs
+
+
+def renamed(namespace: dict[str, Any], old_names: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that still answers to the old names of renamed objects.
+
+    Args:
+        namespace: the module's ``globals()``.
+        old_names: new name by old name (``{"TrainConfig": "TrainOptions"}``).
+
+    Returns:
+        The ``__getattr__``: an old name gives the object under its new name, with a ``DeprecationWarning``.
+    """
+    module = namespace["__name__"]
+
+    def __getattr__(name: str) -> Any:
+        if name in old_names:
+            warn_caller(f"{module}.{name} is now {module}.{old_names[name]}; the old name will be removed",
+                        DeprecationWarning)
+            return namespace[old_names[name]]
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return __getattr__
+
+
+__getattr__ = renamed(globals(), {"TrainConfig": "TrainOptions"})

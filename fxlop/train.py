@@ -29,9 +29,9 @@ from .errors import FxlopError, raises_fxlop_errors
 from .io import check_writable, write_text
 from .optim import _steps_per_epoch, make_optimizer, make_scheduler, param_groups
 from .passes import replaced
-from .settings import FACTOR_LRS, OPTIMIZERS, SCHEDULES, SP_WEIGHTINGS, TrainConfig, setting
+from .settings import FACTOR_LRS, OPTIMIZERS, SCHEDULES, SP_WEIGHTINGS, TrainOptions, setting
 
-__all__ = ["finetune", "FinetuneResult", "evaluate", "check_device", "TeacherLogits", "fixed_inputs", "TrainConfig",
+__all__ = ["finetune", "FinetuneResult", "evaluate", "check_device", "TeacherLogits", "fixed_inputs", "TrainOptions",
            "setting", "param_groups", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT", "init_distributed",
            "OPTIMIZERS", "SCHEDULES", "FACTOR_LRS", "SP_WEIGHTINGS"]
 
@@ -45,7 +45,7 @@ class FinetuneResult:
 
 @raises_fxlop_errors
 def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module | None = None,
-             val_loader: DataLoader | None = None, config: TrainConfig | None = None,
+             val_loader: DataLoader | None = None, config: TrainOptions | None = None,
              log_path: str | os.PathLike | None = None, checkpoint_path: str | os.PathLike | None = None,
              resume: bool = False, device: str | torch.device | None = None, progress: bool | None = None,
              **options) -> FinetuneResult:
@@ -64,7 +64,7 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
     the logits are the model's output, the first element of a tuple, or a mapping's ``"logits"``.
 
     Args:
-        config: a :class:`TrainConfig`; keyword ``options`` override its fields
+        config: a :class:`TrainOptions`; keyword ``options`` override its fields
             (``finetune(m, loader, epochs=5, lr=0.05)``).
         log_path: JSON-lines file, one record of metrics per epoch.
         checkpoint_path: written atomically after every epoch (model with its graph, optimizer,
@@ -85,9 +85,9 @@ def finetune(model: nn.Module, train_loader: DataLoader, *, teacher: nn.Module |
             unwritable ``log_path``/``checkpoint_path``, a loss that is not finite; all but the last two
             kinds before any step.
     """
-    if config is not None and not isinstance(config, TrainConfig):
-        raise FxlopError(f"finetune: config must be a fxlop.TrainConfig, got {type(config).__name__}")
-    config = replaced(TrainConfig, config, options, lambda message: FxlopError(f"finetune: {message} (and "
+    if config is not None and not isinstance(config, TrainOptions):
+        raise FxlopError(f"finetune: config must be a fxlop.TrainOptions, got {type(config).__name__}")
+    config = replaced(TrainOptions, config, options, lambda message: FxlopError(f"finetune: {message} (and "
                                                                                f"finetune's own arguments)"))
     config.check()
     if config.gamma > 0 and teacher is None:

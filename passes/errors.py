@@ -1,9 +1,8 @@
 """Errors raised by the passes.
 
 They derive from :class:`PassError`, not from anything in :mod:`fxlop`, because the passes never
-import the rest of fxlop.  ``fxlop``'s own entry points re-raise them as :class:`fxlop.FxlopError`
-subclasses of the same kind (``fxlop.ExpansionError`` is both a ``FxlopError`` and an
-``ExpansionError`` of this module), so ``except fxlop.FxlopError`` catches everything fxlop raises.
+import the rest of fxlop.  fxlop re-exports these kinds, and its functions re-raise a pass error as an
+instance of both its kind and ``fxlop.FxlopError``, so either ``except`` catches it there.
 """
 
 

@@ -61,7 +61,7 @@ def replaced(kind: type, base: Any, fields: dict[str, Any], error: Callable[[str
     """``base`` (``None``: ``kind``'s defaults) with ``fields`` replaced; the one refusal of unknown names.
 
     Args:
-        kind: a dataclass of settings (:class:`ExpandOptions`, fxlop's ``TrainConfig``).
+        kind: a dataclass of settings (:class:`ExpandOptions`, fxlop's ``TrainOptions``).
         base: an instance of ``kind``, or ``None``.
         fields: the fields to replace, by name.
         error: makes the exception to raise from its message (an exception class will do).

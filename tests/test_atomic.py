@@ -296,9 +296,9 @@ def test_a_failed_run_leaves_an_incomplete_directory_that_is_not_a_runs_alone(tm
     monkeypatch.setattr(fxlop.pipeline, "_finetune_method", interrupted)
     with pytest.warns(UserWarning, match="left in .*staging-.*run.incomplete exists and is not a run's"), \
             pytest.raises(KeyboardInterrupt):
-        fxlop.pipeline.run(fxlop.pipeline.RunSettings(
+        fxlop.pipeline.run(fxlop.pipeline.RunOptions(
             dataset="digits", model="resnet20", method="vanilla", dense_epochs=0, batch_size=256,
-            out=str(tmp_path / "run"), train=fxlop.TrainConfig(epochs=1)), progress=False, echo=lambda *a: None)
+            out=str(tmp_path / "run"), train=fxlop.TrainOptions(epochs=1)), progress=False, echo=lambda *a: None)
     assert [p.name for p in (tmp_path / "run.incomplete").iterdir()] == ["model.pt"]
     assert (tmp_path / "run.incomplete" / "model.pt").read_bytes() == b"mine"
     staging = [p for p in tmp_path.iterdir() if ".staging-" in p.name]
@@ -478,9 +478,9 @@ def test_a_failing_cleanup_does_not_hide_the_interrupt(tmp_path, monkeypatch):
     monkeypatch.setattr(fxlop.pipeline, "_finetune_method", interrupted)
     monkeypatch.setattr(fxlop.pipeline.os, "replace", busy)
     with pytest.warns(UserWarning, match="left in .*staging-"), pytest.raises(KeyboardInterrupt):
-        fxlop.pipeline.run(fxlop.pipeline.RunSettings(
+        fxlop.pipeline.run(fxlop.pipeline.RunOptions(
             dataset="digits", model="resnet20", method="vanilla", dense_epochs=0, batch_size=256,
-            out=str(tmp_path / "run"), train=fxlop.TrainConfig(epochs=1)), progress=False, echo=lambda *a: None)
+            out=str(tmp_path / "run"), train=fxlop.TrainOptions(epochs=1)), progress=False, echo=lambda *a: None)
     staging = [p for p in tmp_path.iterdir() if ".staging-" in p.name]
     assert len(staging) == 1 and (staging[0] / "vanilla.jsonl").exists()
 
@@ -493,9 +493,9 @@ def test_json_is_written_and_saved_printed_only_after_the_replace(tmp_path, monk
 
     lines = []
     monkeypatch.setattr(fxlop.pipeline, "_replace_directory", failing)
-    settings = fxlop.pipeline.RunSettings(dataset="digits", model="resnet20", method="vanilla", dense_epochs=0,
+    settings = fxlop.pipeline.RunOptions(dataset="digits", model="resnet20", method="vanilla", dense_epochs=0,
                                           batch_size=256, out=str(tmp_path / "run"), json=str(tmp_path / "r.json"),
-                                          train=fxlop.TrainConfig(epochs=1))
+                                          train=fxlop.TrainOptions(epochs=1))
     with pytest.raises(fxlop.FxlopError, match="they are in"):
         fxlop.pipeline.run(settings, progress=False, echo=lines.append)
     assert not (tmp_path / "r.json").exists() and not any("saved" in str(line) for line in lines)
@@ -538,6 +538,6 @@ def test_weights_of_a_model_that_cannot_be_built_on_meta(tmp_path, monkeypatch):
     # torchvision's RegNets copy tensors in their constructor, which the meta device refuses
     assert fxlop.pipeline._reference("regnet_x_400mf")[0].__name__ == "RegNet"
     torch.save(build_model("resnet20", num_classes=10, in_channels=3), tmp_path / "w.pt")
-    settings = fxlop.pipeline.RunSettings(dataset="digits", model="regnet_x_400mf", weights=str(tmp_path / "w.pt"))
+    settings = fxlop.pipeline.RunOptions(dataset="digits", model="regnet_x_400mf", weights=str(tmp_path / "w.pt"))
     with pytest.raises(fxlop.FxlopError, match="holds a CifarResNet, not a regnet_x_400mf"):
         fxlop.pipeline._check_weights_module(torch.load(tmp_path / "w.pt", weights_only=False), settings)

@@ -452,7 +452,7 @@ def test_finetune_accepts_integer_labels_of_any_width():
 def test_finetune_unknown_option_and_config():
     with pytest.raises(fxlop.FxlopError, match="unknown option lr_max; the options are"):
         fxlop.finetune(_classifier(), [_pairs()], lr_max=0.1)
-    with pytest.raises(fxlop.FxlopError, match="config must be a fxlop.TrainConfig"):
+    with pytest.raises(fxlop.FxlopError, match="config must be a fxlop.TrainOptions"):
         fxlop.finetune(_classifier(), [_pairs()], config={"lr": 0.1})
 
 

@@ -8,6 +8,7 @@ import importlib
 import pathlib
 import pickle
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -94,9 +95,44 @@ def test_the_passes_called_directly_raise_their_own_errors():
 def test_a_pass_error_in_the_cli_is_one_error_line(tmp_path, capsys):
     path = tmp_path / "m.pt"
     torch.save(_small(), path)
-    code = main(["expand", str(path), "--output", str(tmp_path / "e.pt"), "--depth", "1"])
+    code = main(["expand", str(path), str(tmp_path / "e.pt"), "--depth", "1"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("fxlop: error:") and "Traceback" not in err, err
+    assert "depth must be an integer >= 2, got 1" in err, err  # the pass's own refusal, not a usage error
+    assert not (tmp_path / "e.pt").exists()
+
+
+def test_an_error_raised_while_handling_another_keeps_that_context():
+    def refuse():
+        try:
+            raise KeyError("conv1")
+        except KeyError:
+            raise passes.ExpansionError("no such layer")
+
+    with pytest.raises(fxlop.ExpansionError) as raised:
+        with fxlop.errors.fxlop_errors():
+            refuse()
+    assert isinstance(raised.value, fxlop.FxlopError) and isinstance(raised.value.__cause__, KeyError)
+
+
+def _warnings_of(call):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return caught
+
+
+@pytest.mark.parametrize("what,call", [
+    ("include matching nothing", lambda: fxlop.expand(_small(), include="nothing.*")),
+    ("include matching nothing, modules", lambda: fxlop.expand(_small(), include="nothing.*", trace=False)),
+    ("layers left dense", lambda: fxlop.expand(_small(), max_layer_params=0)),
+    ("taps without a partner", lambda: fxlop.distiller(_small(), nn.Sequential(nn.Conv2d(3, 4, 3)), ["0", "2"])),
+    ("a renamed setting", lambda: fxlop.TrainConfig),
+])
+def test_warnings_point_at_the_callers_line(what, call):
+    caught = _warnings_of(call)
+    assert caught, what
+    assert all(w.filename == __file__ for w in caught), [(w.filename, w.lineno, str(w.message)[:60]) for w in caught]
 
 
 # --- names --------------------------------------------------------------------------------------
@@ -170,3 +206,14 @@ def test_the_benchmarks_import_only_public_api(path):
 def test_each_public_module_exports_what_it_defines(module):
     public = importlib.import_module(module)
     assert public.__all__ and all(hasattr(public, name) for name in public.__all__), module
+
+
+@pytest.mark.parametrize("module,old,new", [("fxlop", "TrainConfig", "TrainOptions"),
+                                            ("fxlop.settings", "TrainConfig", "TrainOptions"),
+                                            ("fxlop.pipeline", "RunSettings", "RunOptions")])
+def test_renamed_settings_answer_to_their_old_names_with_a_warning(module, old, new):
+    public = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"{module}.{old} is now {module}.{new}"):
+        assert getattr(public, old) is getattr(public, new)
+    with pytest.raises(AttributeError, match="no attribute 'TrainConfg'"):
+        public.TrainConfg

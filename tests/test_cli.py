@@ -105,15 +105,15 @@ def _results(**val_accuracy):
 
 
 def test_auto_deploys_the_best_on_validation_and_ties_go_to_vanilla():
-    from fxlop.pipeline import RunSettings, _choose
+    from fxlop.pipeline import RunOptions, _choose
 
-    auto = RunSettings(candidates=["vanilla", "lop", "lop_sp"])
+    auto = RunOptions(candidates=["vanilla", "lop", "lop_sp"])
     assert _choose(auto, _results(vanilla=0.90, lop=0.93, lop_sp=0.92))[0] == "lop"
     assert _choose(auto, _results(vanilla=0.93, lop=0.93, lop_sp=0.92))[0] == "vanilla"
     assert _choose(auto, _results(lop=0.93, vanilla=0.95, lop_sp=0.92))[0] == "vanilla"
-    chosen, why = _choose(RunSettings(method="lop_sp"), _results(lop_sp=0.90, vanilla=0.95))
+    chosen, why = _choose(RunOptions(method="lop_sp"), _results(lop_sp=0.90, vanilla=0.95))
     assert chosen == "lop_sp" and why.startswith("warning: lop_sp reached 90.00 %") and "vanilla's 95.00 %" in why
-    assert _choose(RunSettings(method="lop_sp"), _results(lop_sp=0.96, vanilla=0.95)) == ("lop_sp", "")
+    assert _choose(RunOptions(method="lop_sp"), _results(lop_sp=0.96, vanilla=0.95)) == ("lop_sp", "")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -168,11 +168,11 @@ def test_expand_command_pointwise_expansion(tmp_path, flag, fc_width):
 
 
 def test_run_flags_come_from_the_settings_classes(capsys):
-    from fxlop import ExpandOptions, TrainConfig
-    from fxlop.pipeline import RunSettings
+    from fxlop import ExpandOptions, TrainOptions
+    from fxlop.pipeline import RunOptions
 
     help_text = " ".join(_cli("run", "--help")[1].split())
-    for cls in (RunSettings, TrainConfig, ExpandOptions):
+    for cls in (RunOptions, TrainOptions, ExpandOptions):
         for field in dataclasses.fields(cls):
             if field.metadata.get("cli", True) and field.name not in ("train", "expand"):
                 assert f"--{field.name.replace('_', '-')}" in help_text, field.name

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxlop
 from fxlop.methods import METHODS, method
-from fxlop.train import TeacherLogits, TrainConfig, finetune, fixed_inputs
+from fxlop.train import TeacherLogits, TrainOptions, finetune, fixed_inputs
 
 sys.path.insert(0, str(Path(__file__).parent / "jobs"))
 from train_job import Blobs, Net  # noqa: E402
@@ -178,7 +178,7 @@ def test_onecycle_needs_a_loader_with_a_length():
 
 
 def test_methods_set_their_losses_only():
-    base = TrainConfig(gamma=0.3, kd_weight=0.5)
+    base = TrainOptions(gamma=0.3, kd_weight=0.5)
     assert {n: (m.train_config(base).gamma, m.train_config(base).kd_weight) for n, m in METHODS.items()} == {
         "vanilla": (0, 0), "sp": (0.3, 0), "lop": (0, 0), "lop_sp": (0.3, 0), "kd": (0, 0.5), "kd_sp": (0.3, 0.5),
         "kd_lop": (0, 0.5)}

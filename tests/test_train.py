@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import fxlop
-from fxlop.train import CHECKPOINT_FORMAT, TrainConfig, finetune, load_checkpoint, save_checkpoint
+from fxlop.train import CHECKPOINT_FORMAT, TrainOptions, finetune, load_checkpoint, save_checkpoint
 
 JOB = Path(__file__).parent / "jobs" / "train_job.py"
 sys.path.insert(0, str(JOB.parent))
@@ -45,7 +45,7 @@ def test_short_finetune_lowers_the_loss(tmp_path):
 
 def test_odd_batches_bf16_adamw_and_factor_groups():
     student = fxlop.expand(Net(4))
-    config = TrainConfig(epochs=1, optimizer="adamw", lr=1e-3, weight_decay=0.1, factor_weight_decay=0.0,
+    config = TrainOptions(epochs=1, optimizer="adamw", lr=1e-3, weight_decay=0.1, factor_weight_decay=0.0,
                          factor_lr_scale=2.0, schedule="step", step_size=1, bf16=True, label_smoothing=0.1)
     result = finetune(student, _loader(batch=105), config=config)  # 240 = 105 + 105 + 30
     assert result.history[0]["samples"] == 240 and torch.isfinite(torch.tensor(result.history[0]["train_loss"]))
@@ -57,7 +57,7 @@ def test_factor_parameter_groups():
     from fxlop.optim import make_optimizer as _optimizer
 
     student = fxlop.expand(Net(4))
-    optimizer = _optimizer(student, TrainConfig(lr=0.1, weight_decay=5e-4, factor_weight_decay=0.0, factor_lr_scale=3.0))
+    optimizer = _optimizer(student, TrainOptions(lr=0.1, weight_decay=5e-4, factor_weight_decay=0.0, factor_lr_scale=3.0))
     factors, others = optimizer.param_groups
     names = {id(p): n for n, p in student.named_parameters()}
     assert all(".factors." in names[id(p)] for p in factors["params"])
