@@ -10,7 +10,8 @@ from .methods import METHODS, Method
 from .passes import ExpandOptions, Report
 from .checkpoint import load_checkpoint
 from .optim import param_groups
-from .settings import TrainOptions, renamed
+from .settings import TrainOptions
+from .settings import renamed as _renamed
 from .train import evaluate, finetune
 from .verify import verify
 
@@ -19,4 +20,4 @@ __all__ = ["expand", "expand_with", "fuse", "overparameterized", "report", "veri
            "ExpandOptions", "Report", "TrainOptions", "Method", "METHODS", "load_checkpoint", "param_groups",
            "similarity_loss", "kd_loss", "distiller", "FxlopError", "TraceError", "ExpansionError", "FusionError",
            "SelectionError", "EquivalenceError", "__version__"]
-__getattr__ = renamed(globals(), {"TrainConfig": "TrainOptions"})  # the old name, with a DeprecationWarning
+__getattr__ = _renamed(globals(), {"TrainConfig": "TrainOptions"})  # the old name, with a DeprecationWarning

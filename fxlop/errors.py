@@ -10,6 +10,7 @@ kinds when used directly.
 """
 import contextlib
 import functools
+import sys
 from typing import Callable, Iterator, TypeVar
 
 from . import passes
@@ -57,6 +58,7 @@ def as_fxlop_error(error: passes.PassError) -> FxlopError:
 @contextlib.contextmanager
 def fxlop_errors() -> Iterator[None]:
     """Re-raise a :class:`~fxlop.passes.PassError` raised inside the block as its :class:`FxlopError`."""
+    outer = sys.exc_info()[1]  # an error the caller is handling around the block is not the pass error's cause
     try:
         yield
     except passes.PassError as error:
@@ -64,7 +66,8 @@ def fxlop_errors() -> Iterator[None]:
             raise
         # the same message, frames and cause (or the error it was raised while handling): one traceback,
         # not the pass error's printed above it
-        cause = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else error.__context__
+        context = error.__context__ if error.__context__ is not outer else None
+        cause = error.__cause__ if error.__cause__ is not None or error.__suppress_context__ else context
         raise as_fxlop_error(error) from cause
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -150,7 +151,7 @@ def renamed(namespace: dict[str, Any], old_names: dict[str, str]) -> Callable[[s
             warn_caller(f"{module}.{name} is now {module}.{old_names[name]}; the old name will be removed",
                         DeprecationWarning)
             return namespace[old_names[name]]
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        raise AttributeError(f"module {module!r} has no attribute {name!r}", name=name, obj=sys.modules[module])
     return __getattr__
 
 

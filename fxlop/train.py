@@ -29,7 +29,7 @@ from .errors import FxlopError, raises_fxlop_errors
 from .io import check_writable, write_text
 from .optim import _steps_per_epoch, make_optimizer, make_scheduler, param_groups
 from .passes import replaced
-from .settings import FACTOR_LRS, OPTIMIZERS, SCHEDULES, SP_WEIGHTINGS, TrainOptions, setting
+from .settings import FACTOR_LRS, OPTIMIZERS, SCHEDULES, SP_WEIGHTINGS, TrainOptions, renamed, setting
 
 __all__ = ["finetune", "FinetuneResult", "evaluate", "check_device", "TeacherLogits", "fixed_inputs", "TrainOptions",
            "setting", "param_groups", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT", "init_distributed",
@@ -514,3 +514,6 @@ def _device(device, world: int) -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+__getattr__ = renamed(globals(), {"TrainConfig": "TrainOptions"})

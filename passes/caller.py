@@ -29,4 +29,6 @@ def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
     frame, level = sys._getframe(1), 2  # level 2: the frame that called warn_caller
     while frame is not None and _inside(frame):
         frame, level = frame.f_back, level + 1
+    if frame is None:  # called from nowhere outside (a callback): the outermost frame
+        level -= 1
     warnings.warn(message, category, stacklevel=level)

@@ -115,6 +115,16 @@ def test_an_error_raised_while_handling_another_keeps_that_context():
     assert isinstance(raised.value, fxlop.FxlopError) and isinstance(raised.value.__cause__, KeyError)
 
 
+def test_an_error_the_caller_is_handling_is_not_made_the_cause():
+    try:
+        raise ValueError("the caller's own")
+    except ValueError:
+        with pytest.raises(fxlop.ExpansionError) as raised:
+            with fxlop.errors.fxlop_errors():
+                raise passes.ExpansionError("refused")
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
 def _warnings_of(call):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -210,6 +220,7 @@ def test_each_public_module_exports_what_it_defines(module):
 
 @pytest.mark.parametrize("module,old,new", [("fxlop", "TrainConfig", "TrainOptions"),
                                             ("fxlop.settings", "TrainConfig", "TrainOptions"),
+                                            ("fxlop.train", "TrainConfig", "TrainOptions"),
                                             ("fxlop.pipeline", "RunSettings", "RunOptions")])
 def test_renamed_settings_answer_to_their_old_names_with_a_warning(module, old, new):
     public = importlib.import_module(module)
